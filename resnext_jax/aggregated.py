@@ -1,0 +1,117 @@
+"""The aggregated transformation of Eq. 3 and its equivalent forms (Fig. 3).
+
+    y = x + Σ_{i=1..C} τ_i(x),    τ_i: 1×1 conv (→ d) · 3×3 conv (d → d) · 1×1 conv (d → out)
+
+`AggregatedTransform` computes Σ τ_i(x) with batch norm after every convolution and ReLU after
+the first two (the last ReLU follows the residual addition, in the block). It is the only place
+in the package that knows about groups. Its parameters are always the compact form's:
+
+    conv1/kernel  (1, 1, in, C·d)     bn1
+    conv2/kernel  (3, 3, d, C·d)      bn2      (path i owns output channels i·d … i·d + d - 1)
+    conv3/kernel  (1, 1, C·d, out)    bn3
+
+and `form` only chooses how they are evaluated, so checkpoints move freely between forms:
+
+    'paths'      (a) C separate paths, each 1×1 → 3×3 → 1×1, summed
+    'concat'     (b) C separate 1×1 → 3×3 paths, concatenated, one 1×1
+    'grouped'    (c) 1×1 → grouped 3×3 (`feature_group_count=C`) → 1×1
+    'blockdiag'  1×1 → dense 3×3 with a block-diagonal kernel → 1×1
+
+Batch norm and ReLU act on each channel alone, so applying them to the concatenated paths is
+the same as giving each path its own.
+"""
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+FORMS = ('paths', 'concat', 'grouped', 'blockdiag')
+
+# He normal with fan-out, no truncation: the official code's `normal(0, sqrt(2 / (k·k·out)))`.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Inference-mode batch norm with the official code's constants; models pass their own.
+default_norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9,
+                                 epsilon=1e-5)
+
+
+def conv(x, kernel, strides=1, groups=1):
+    """NHWC convolution with an HWIO kernel and symmetric 'same' padding (as PyTorch pads)."""
+    pad = kernel.shape[0] // 2
+    return lax.conv_general_dilated(
+        x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def block_diagonal(kernel, groups):
+    """A grouped kernel (kh, kw, d_in, G·d_out) as the dense kernel (kh, kw, G·d_in, G·d_out)."""
+    kh, kw, d_in, out = kernel.shape
+    k = kernel.reshape(kh, kw, d_in, groups, out // groups)
+    eye = jnp.eye(groups, dtype=kernel.dtype)
+    return jnp.einsum('hwigo,Gg->hwGigo', k, eye).reshape(kh, kw, groups * d_in, out)
+
+
+def check_form(form):
+    if form not in FORMS:
+        raise ValueError(f'unknown form {form!r}; choose one of {", ".join(FORMS)}')
+    return form
+
+
+class Kernel(nn.Module):
+    """One convolution kernel, stored as `<name>/kernel` like `nn.Conv` stores it."""
+    shape: tuple
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param('kernel', conv_init, self.shape, self.param_dtype)
+
+
+class AggregatedTransform(nn.Module):
+    """Σ_{i=1..C} τ_i(x) and its batch norm, for C = `cardinality` paths of width d = width / C."""
+    cardinality: int
+    width: int                    # C·d, the channels of the grouped 3×3 convolution
+    features: int                 # output channels
+    strides: int = 1              # in the 3×3 convolution, as in the official code
+    form: str = 'grouped'
+    norm: Callable[..., nn.Module] = default_norm
+    zero_init_last: bool = False  # start each block as the identity (γ = 0 in bn3)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        C, form = self.cardinality, check_form(self.form)
+        if self.width % C:
+            raise ValueError(f'width {self.width} is not divisible by cardinality {C}')
+        d = self.width // C
+        w1 = Kernel((1, 1, x.shape[-1], self.width), self.param_dtype, name='conv1')()
+        w2 = Kernel((3, 3, d, self.width), self.param_dtype, name='conv2')()
+        w3 = Kernel((1, 1, self.width, self.features), self.param_dtype, name='conv3')()
+        x, w1, w2, w3 = nn.dtypes.promote_dtype(x, w1, w2, w3, dtype=self.dtype)
+        bn1, bn2 = self.norm(name='bn1'), self.norm(name='bn2')
+        last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+        bn3 = self.norm(name='bn3', scale_init=last_scale)
+
+        def split(a, axis=-1):
+            return jnp.split(a, C, axis=axis)
+
+        if form in ('paths', 'concat'):
+            h = jnp.concatenate([conv(x, w) for w in split(w1)], -1)
+            h = nn.relu(bn1(h))
+            h = jnp.concatenate(
+                [conv(hi, wi, self.strides) for hi, wi in zip(split(h), split(w2))], -1)
+            h = nn.relu(bn2(h))
+            if form == 'paths':
+                y = sum(conv(hi, wi) for hi, wi in zip(split(h), split(w3, axis=2)))
+            else:
+                y = conv(h, w3)
+        else:
+            h = nn.relu(bn1(conv(x, w1)))
+            if form == 'grouped':
+                h = conv(h, w2, self.strides, groups=C)
+            else:
+                h = conv(h, block_diagonal(w2, C), self.strides)
+            y = conv(nn.relu(bn2(h)), w3)
+        return bn3(y)

@@ -1,0 +1,191 @@
+"""ResNeXt networks (Sec. 3.1 template) and the name registry.
+
+A network is named by its depth (→ stage sizes), cardinality C and bottleneck width d. Stage s
+(s = 0, 1, …) repeats one block: aggregated transformation of width C·d·2^s with output
+`base_features`·2^s; the first block of every stage but the first has stride 2 in its 3×3 conv
+and a projection shortcut. ResNet is C = 1. ImageNet and CIFAR networks differ only in the stem.
+"""
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnext_jax.aggregated import AggregatedTransform, Kernel, check_form, conv, default_norm
+
+IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+CIFAR_STAGES = {29: (3, 3, 3)}
+STEMS = ('imagenet', 'cifar')
+
+
+class Stem(nn.Module):
+    """ImageNet: 7×7/2 conv, BN, ReLU, 3×3/2 max-pool. CIFAR: 3×3 conv, BN, ReLU."""
+    kind: str
+    features: int
+    norm: Callable[..., nn.Module]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        size, strides = (7, 2) if self.kind == 'imagenet' else (3, 1)
+        w = Kernel((size, size, x.shape[-1], self.features), self.param_dtype, name='conv')()
+        x, w = nn.dtypes.promote_dtype(x, w, dtype=self.dtype)
+        x = nn.relu(self.norm(name='bn')(conv(x, w, strides)))
+        if self.kind == 'imagenet':
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        return x
+
+
+class Bottleneck(nn.Module):
+    """y = relu(shortcut(x) + Σ τ_i(x)); projection shortcut when the shape changes."""
+    cardinality: int
+    width: int
+    features: int
+    strides: int = 1
+    form: str = 'grouped'
+    norm: Callable[..., nn.Module] = default_norm
+    zero_init_last: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            w = Kernel((1, 1, x.shape[-1], self.features), self.param_dtype, name='proj_conv')()
+            xs, w = nn.dtypes.promote_dtype(x, w, dtype=self.dtype)
+            shortcut = self.norm(name='proj_bn')(conv(xs, w, self.strides))
+        y = AggregatedTransform(
+            self.cardinality, self.width, self.features, self.strides, self.form, self.norm,
+            self.zero_init_last, self.dtype, self.param_dtype, name='aggregated')(x)
+        return nn.relu(shortcut + y)
+
+
+class Stage(nn.Module):
+    """`num_blocks` blocks of one width; the first one may stride and project."""
+    num_blocks: int
+    strides: int
+    block: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x):
+        for b in range(self.num_blocks):
+            x = self.block(strides=self.strides if b == 0 else 1, name=f'block{b + 1}')(x)
+        return x
+
+
+class ResNeXt(nn.Module):
+    """ResNeXt (ResNet when cardinality = 1), NHWC images in, float32 logits out.
+
+    `model.apply(variables, images, train=True, mutable=['batch_stats'])` trains;
+    `return_features=True` returns the stage outputs {'C2', 'C3', …} (strides 4, 8, 16, 32 on
+    ImageNet) instead of logits, for detection and segmentation backbones; `num_classes=0`
+    returns the globally pooled features.
+    """
+    stage_sizes: Sequence[int]
+    cardinality: int = 1
+    bottleneck_width: int = 64
+    num_classes: int = 1000
+    stem: str = 'imagenet'
+    stem_width: int = 64
+    base_features: int = 256
+    form: str = 'grouped'
+    zero_init_last_bn: bool = False
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        if x.ndim != 4:
+            raise ValueError('expected a batch of NHWC images (batch, height, width, channels), '
+                             f'got an array of shape {tuple(x.shape)}')
+        if self.stem not in STEMS:
+            raise ValueError(f'unknown stem {self.stem!r}; choose one of {", ".join(STEMS)}')
+        check_form(self.form)
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Stem(self.stem, self.stem_width, norm, self.dtype, self.param_dtype, name='stem')(x)
+        features = {}
+        for s, num_blocks in enumerate(self.stage_sizes):
+            block = functools.partial(
+                Bottleneck, cardinality=self.cardinality,
+                width=self.cardinality * self.bottleneck_width * 2**s,
+                features=self.base_features * 2**s, form=self.form, norm=norm,
+                zero_init_last=self.zero_init_last_bn, dtype=self.dtype,
+                param_dtype=self.param_dtype)
+            x = Stage(num_blocks, 1 if s == 0 else 2, block, name=f'stage{s + 1}')(x)
+            features[f'C{s + 2}'] = x
+        if return_features:
+            return features
+        x = jnp.mean(x, axis=(1, 2))
+        if self.num_classes:
+            x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name='head')(x)
+        return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: every network of the paper's Tables 1, 3, 4, 5, 7 and Fig. 7, plus torchvision's
+# resnext101_32x8d. Any other `resnext{29,50,101,152,200}_<C>x<d>d` name is built on demand.
+# ----------------------------------------------------------------------------------------------
+
+REGISTERED = (
+    'resnet50', 'resnet101', 'resnet152', 'resnet200', 'resnet101_1x100d',
+    'resnext50_2x40d', 'resnext50_4x24d', 'resnext50_8x14d', 'resnext50_32x4d',
+    'resnext101_2x40d', 'resnext101_4x24d', 'resnext101_8x14d', 'resnext101_32x4d',
+    'resnext101_2x64d', 'resnext101_64x4d', 'resnext101_32x8d', 'resnext152_32x4d',
+    'resnext29_1x64d', 'resnext29_2x64d', 'resnext29_4x64d', 'resnext29_8x64d',
+    'resnext29_16x64d',
+)
+_NAME = re.compile(r'(resnet|resnext)(\d+)(?:_(\d+)x(\d+)d)?')
+_OPTIONS = tuple(f.name for f in dataclasses.fields(ResNeXt) if f.name not in ('parent', 'name'))
+
+
+def list_models():
+    """The registered network names."""
+    return list(REGISTERED)
+
+
+def model_spec(name):
+    """The ResNeXt fields that a network name stands for."""
+    m = _NAME.fullmatch(name)
+    depth = int(m.group(2)) if m else None
+    if not m or depth not in {**IMAGENET_STAGES, **CIFAR_STAGES}:
+        raise ValueError(
+            f'unknown model {name!r}; use one of list_models() or resnext<depth>_<C>x<d>d '
+            f'with depth in {sorted(IMAGENET_STAGES)} (ImageNet) or {sorted(CIFAR_STAGES)} (CIFAR)')
+    family, c, d = m.group(1), m.group(3), m.group(4)
+    cardinality, width = (int(c), int(d)) if c else (1, 64)
+    if family == 'resnext' and not c:
+        raise ValueError(f'{name!r} needs a cardinality and width, e.g. {name}_32x4d')
+    if family == 'resnet' and cardinality != 1:
+        raise ValueError(f'{name!r}: a ResNet has cardinality 1; did you mean resnext{depth}_…?')
+    cifar = depth in CIFAR_STAGES
+    return dict(stage_sizes=(CIFAR_STAGES if cifar else IMAGENET_STAGES)[depth],
+                cardinality=cardinality, bottleneck_width=width,
+                stem='cifar' if cifar else 'imagenet', num_classes=10 if cifar else 1000)
+
+
+def create_model(name, num_classes=None, **overrides):
+    """A `ResNeXt` module by name, e.g. `create_model('resnext50_32x4d', dtype='bfloat16')`.
+
+    `num_classes` defaults to 1000 for ImageNet networks and 10 for CIFAR ones; `overrides` set
+    any other `ResNeXt` field (cardinality, bottleneck_width, form, dtype, ...).
+    """
+    unknown = sorted(set(overrides) - set(_OPTIONS))
+    if unknown:
+        raise TypeError(f'create_model: unknown option(s) {", ".join(unknown)}; '
+                        f'valid options: {", ".join(_OPTIONS)}')
+    spec = model_spec(name)
+    if num_classes is not None:
+        spec['num_classes'] = num_classes
+    for key in ('dtype', 'param_dtype'):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = jnp.dtype(overrides[key])
+    return ResNeXt(**{**spec, **overrides})
