@@ -12,12 +12,54 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from resnext_jax.aggregated import AggregatedTransform, Kernel, check_form, conv, default_norm
 
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
 CIFAR_STAGES = {29: (3, 3, 3)}
 STEMS = ('imagenet', 'cifar')
+
+
+class GroupedBatchNorm(nn.Module):
+    """Batch norm whose training statistics come from groups of `group_size` consecutive images.
+
+    This is what unsynchronised BN on several GPUs computes (the paper: 32 images per GPU). The
+    variables are those of `nn.BatchNorm`; the running averages move towards the mean over groups
+    of the per-group mean and (biased) variance.
+    """
+    group_size: int
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param('scale', self.scale_init, (c,), self.param_dtype)
+        bias = self.param('bias', self.bias_init, (c,), self.param_dtype)
+        if self.use_running_average:
+            mean, var, y = ra_mean.value, ra_var.value, x.astype(jnp.float32)
+        else:
+            n, g = x.shape[0], self.group_size
+            if n % g:
+                raise ValueError(f'batch norm groups of {g} images do not divide the batch of {n} '
+                                 'images; change bn_group_size or the batch size')
+            y = x.astype(jnp.float32).reshape((n // g, g) + x.shape[1:])
+            axes = tuple(range(1, y.ndim - 1))
+            mean, var = jnp.mean(y, axes, keepdims=True), jnp.var(y, axes, keepdims=True)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, c).mean(0)
+                ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, c).mean(0)
+        y = (y - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.reshape(x.shape).astype(self.dtype)
 
 
 class Stem(nn.Module):
@@ -96,6 +138,7 @@ class ResNeXt(nn.Module):
     zero_init_last_bn: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_group_size: int | None = None  # training BN statistics per group of images, not batch
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -108,7 +151,8 @@ class ResNeXt(nn.Module):
             raise ValueError(f'unknown stem {self.stem!r}; choose one of {", ".join(STEMS)}')
         check_form(self.form)
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+            functools.partial(GroupedBatchNorm, self.bn_group_size) if self.bn_group_size
+            else nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Stem(self.stem, self.stem_width, norm, self.dtype, self.param_dtype, name='stem')(x)
         features = {}

@@ -1,0 +1,57 @@
+"""Defaults for every field that train.py reads; recipes override what they change.
+
+Sized for ImageNet ResNeXt-50 32x4d as in the paper (Sec. 4): batch 256, SGD momentum 0.9,
+weight decay 1e-4, learning rate 0.1 per 256 images, divided by 10 on a step schedule.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+
+    # Model: a registered name (resnext_jax.list_models()) or resnext<depth>_<C>x<d>d.
+    c.model = 'resnext50_32x4d'
+    c.model_options = {}           # other ResNeXt fields, e.g. {'stage_sizes': (1, 1, 1, 1)}
+    c.form = 'grouped'             # how the aggregated transformation runs (resnext_jax.FORMS)
+    c.dtype = 'float32'            # compute dtype; 'bfloat16' keeps float32 parameters
+    c.zero_init_last_bn = False
+    c.bn_group_size = 0            # 0: BN statistics over the global batch; N: per N images
+
+    # Data (resnext_jax.data): 'digits', a TFDS name, or 'folder:/path/to/root'.
+    c.dataset = 'imagenet2012'
+    c.train_split = 'train'
+    c.eval_split = 'validation'
+    c.data_dir = config_dict.placeholder(str)    # TFDS data_dir; None: TFDS's default
+    c.in_memory = config_dict.placeholder(bool)  # None: decided by dataset size
+    c.image_size = 224
+    c.eval_resize = 256            # shorter side before the centre crop ('imagenet' augment)
+    c.augment = 'imagenet'         # 'imagenet', 'cifar' or 'none'
+    c.shuffle_buffer = 16_384
+    c.seed = 0
+
+    # Optimisation.
+    c.batch_size = 256             # global, over all devices of all processes
+    c.learning_rate = 0.1          # for lr_base_batch_size images; scaled linearly with batch
+    c.lr_base_batch_size = 256
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.decay_bn_and_bias = True     # the official code decays every parameter
+    c.schedule = 'step'            # 'step' (÷ lr_decay_factor at each boundary) or 'cosine'
+    c.lr_boundaries_epochs = (30, 60)
+    c.lr_decay_factor = 0.1
+    c.warmup_epochs = 0.0
+    c.label_smoothing = 0.0
+    c.num_epochs = 90.0
+    c.num_train_steps = -1         # > 0 overrides num_epochs
+
+    # Distribution.
+    c.fsdp = False                 # shard parameters and optimizer state over the data axis
+
+    # Loop, evaluation, checkpoints.
+    c.log_every_steps = 100
+    c.eval_every_epochs = 1.0
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    return c

@@ -1,0 +1,362 @@
+"""Input pipeline on tf.data: every JAX process gets numpy batches of its own rows only.
+
+Random-access sources (scikit-learn digits, `ArraySource`, image folders, TFDS splits of
+≤ 200,000 examples) define ONE global stream of example indices, independent of the number of
+processes P: epoch e is `stateless_shuffle(range(N), seed=[seed, e])`, the epochs are chained
+without a break (a global batch may cross an epoch boundary), the stream is cut into global
+batches of b·P and process i takes rows [i·b, (i+1)·b). Augmentation is seeded by
+(seed, position in the stream), so the concatenation of the P local batches is bitwise the
+P = 1 batch, and resuming at step k just skips k·b·P integers. Large TFDS datasets stream:
+process i reads `even_splits(split, P)[i]`, shuffles with a buffer, and is deterministic for a
+fixed P. Eval: process i takes examples i, i+P, i+2P, … then mask-0 padding, so every process
+yields `num_eval_batches` batches. Pixels are in 0..255 until normalised by (x - mean) / std.
+"""
+import dataclasses
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
+    tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):
+    pass
+
+AUGMENTS = ('imagenet', 'cifar', 'none')
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+NORMALISATION = {  # 0..255 units; the ImageNet statistics for every other dataset.
+    'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+    'mnist': ((33.3,) * 3, (78.6,) * 3),
+    'digits': ((77.8,) * 3, (95.9,) * 3),  # measured on all 1797 images scaled to 0..255
+}
+MAX_IN_MEMORY = 200_000
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    num_train: int  # examples in the train split
+    num_eval: int  # examples in the eval split
+    image_size: int  # side of the square images the model sees (config.image_size)
+
+
+class ArraySource:
+    """Random-access examples in memory: pixels (N, H, W, C) in 0..255, C ∈ {1, 3}.
+
+    Subclasses keep encoded images instead (`encoding` 'file': paths, 'bytes': PNG/JPEG bytes).
+    """
+    encoding = None
+
+    def __init__(self, train_images, train_labels, eval_images, eval_labels, num_classes):
+        self.num_classes = int(num_classes)
+        self.train = self._check('train', train_images, train_labels)
+        self.eval = self._check('eval', eval_images, eval_labels)
+        self.num_train, self.num_eval = len(self.train[1]), len(self.eval[1])
+
+    def _check(self, part, images, labels):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if len(images) != len(labels) or labels.ndim != 1:
+            raise ValueError(f'{part}: {len(images)} images but labels of shape {labels.shape}; '
+                             'pass one integer label per image')
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f'{part} labels span [{labels.min()}, {labels.max()}], outside '
+                             f'[0, {self.num_classes}): fix the labels or num_classes')
+        if self.encoding is None and (images.ndim != 4 or images.shape[-1] not in (1, 3)):
+            raise ValueError(f'{part} images have shape {images.shape}; expected (N, H, W, C) '
+                             'with C = 1 or 3')
+        if self.encoding is None and images.dtype != np.uint8:
+            images = images.astype(np.float32)  # float images are taken to be in 0..255
+        return images, labels.astype(np.int32)
+
+
+class EncodedSource(ArraySource):
+    """Images stored encoded (folder paths or bytes), decoded on the fly."""
+
+    def __init__(self, encoding, *args):
+        self.encoding = encoding
+        super().__init__(*args)
+
+
+class TfdsSource:
+    """A TFDS dataset read as a stream of encoded records (ImageNet and other large sets)."""
+
+    def __init__(self, builder, train_split, eval_split, num_train, num_eval):
+        self.builder, self.train_split, self.eval_split = builder, train_split, eval_split
+        self.num_classes = builder.info.features['label'].num_classes
+        self.num_train, self.num_eval = num_train, num_eval
+
+    def read(self, split, seed=None):
+        read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options())
+        return self.builder.as_dataset(split=split, shuffle_files=seed is not None,
+                                       read_config=read_config,
+                                       decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def _digits(config):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    order = np.random.default_rng(0).permutation(len(images))  # fixed held-out split
+    num_eval = math.ceil(0.2 * len(images))
+    parts = {'train': order[:-num_eval], 'test': order[-num_eval:]}
+    splits = [config.get('train_split', 'train'), config.get('eval_split', 'test')]
+    if not set(splits) <= set(parts):
+        raise ValueError(f"digits has splits 'train' and 'test', not {splits}: fix "
+                         '--config.train_split / --config.eval_split')
+    (tr, ev) = (parts[s] for s in splits)
+    return ArraySource(images[tr], digits.target[tr], images[ev], digits.target[ev], 10)
+
+
+def _folder(root, config):
+    """root/<split>/<class>/*.jpg|jpeg|png; classes = sorted subfolders of the train split."""
+    splits = [config.get('train_split', 'train'), config.get('eval_split', 'test')]
+    classes, parts = None, []
+    for split in splits:
+        path = os.path.join(root, split)
+        if not tf.io.gfile.isdir(path):
+            raise ValueError(f'image folder {path} does not exist: expected '
+                             f'{root}/<split>/<class>/*.jpg, or fix --config.{split}_split')
+        found = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(path)
+                       if tf.io.gfile.isdir(os.path.join(path, d)))
+        classes = classes or found
+        files, labels = [], []
+        for name in found:
+            if name not in classes:
+                raise ValueError(f'class folder {path}/{name} is not among the train classes')
+            names = sorted(f for f in tf.io.gfile.listdir(os.path.join(path, name))
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            files += [os.path.join(path, name, f) for f in names]
+            labels += [classes.index(name)] * len(names)
+        if not files:
+            raise ValueError(f'no {"/".join(IMAGE_EXTENSIONS)} images in {path}/<class>/')
+        parts += [np.array(files, dtype=object), np.array(labels)]
+    return EncodedSource('file', *parts, len(classes))
+
+
+def _tfds(config):
+    name, data_dir = config.dataset, config.get('data_dir', None)
+    splits = [config.get('train_split', 'train'), config.get('eval_split', 'test')]
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown dataset '{name}': use 'digits', 'folder:/path' or a TFDS "
+                         'name (fix --config.dataset)') from None
+    try:
+        counts = [_count(builder, split) for split in splits]
+    except Exception:  # TFDS raises assorted errors when the files are not there.
+        raise ValueError(f"dataset '{name}' is not prepared in {data_dir or builder.data_dir}: "
+                         'download it manually as TFDS explains, or set --config.data_dir'
+                         ) from None
+    in_memory = config.get('in_memory', None)
+    if not (counts[0] <= MAX_IN_MEMORY if in_memory is None else in_memory):
+        return TfdsSource(builder, *splits, *counts)
+    fixed = builder.info.features['image'].shape[0] is not None
+    decoders = None if fixed else {'image': tfds.decode.SkipDecoding()}
+    parts = []
+    for split in splits:
+        chunks = list(tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders)
+                                    .batch(4096)))
+        parts += [np.concatenate([c[key] for c in chunks]) for key in ('image', 'label')]
+    num_classes = builder.info.features['label'].num_classes
+    return ArraySource(*parts, num_classes) if fixed else EncodedSource('bytes', *parts,
+                                                                        num_classes)
+
+
+def _count(builder, split):
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError):  # no split metadata (e.g. under tfds.testing.mock_data)
+        return int(builder.as_dataset(split=split).cardinality())
+
+
+def make_source(config):
+    """'digits', 'folder:/path/root' or a TFDS name (with optional ':version' / '/config')."""
+    if config.dataset == 'digits':
+        return _digits(config)
+    if config.dataset.startswith('folder:'):
+        return _folder(config.dataset[len('folder:'):], config)
+    return _tfds(config)
+
+
+def dataset_info(config, source=None) -> DatasetInfo:
+    source = source or make_source(config)
+    return DatasetInfo(source.num_classes, source.num_train, source.num_eval, config.image_size)
+
+
+def num_eval_batches(info_or_num_eval, batch_size, process_count) -> int:
+    n = getattr(info_or_num_eval, 'num_eval', info_or_num_eval)
+    return math.ceil(math.ceil(n / process_count) / batch_size)
+
+
+# ---- per-example preprocessing (float32 pixels in 0..255 until `normalise`) ----
+
+def _decode(data, encoding):
+    if encoding == 'file':
+        data = tf.io.read_file(data)
+    if encoding:
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+    return data if data.shape[-1] == 3 else tf.image.grayscale_to_rgb(data)
+
+
+def _inception_crop(data, encoding, seed):
+    """Random crop of 8%–100% of the area, aspect 3/4–4/3; JPEGs decode only the window."""
+    def window(shape):
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape, tf.constant([[[0., 0., 1., 1.]]]), seed, min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+            use_image_if_no_bounding_boxes=True)
+        return begin, size
+
+    def crop_decoded(image):
+        return tf.slice(image, *window(tf.shape(image)))
+
+    if not encoding:
+        return crop_decoded(_decode(data, None))
+    if encoding == 'file':
+        data = tf.io.read_file(data)
+
+    def jpeg():
+        begin, size = window(tf.image.extract_jpeg_shape(data))
+        return tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], size[0],
+                                                             size[1]]), channels=3)
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg,
+                   lambda: crop_decoded(_decode(data, 'bytes')))
+
+
+def _resize(image, size):
+    """Bilinear resize to size × size unless the image already has that side."""
+    if image.shape[0] is not None and image.shape[:2] == (size, size):
+        return tf.cast(image, tf.float32)
+    same = tf.reduce_all(tf.shape(image)[:2] == size)
+    image = tf.cond(same, lambda: tf.cast(image, tf.float32),
+                    lambda: tf.image.resize(image, [size, size]))
+    return tf.reshape(image, [size, size, 3])
+
+
+def _centre_crop(image, size, resize):
+    """Resize the shorter side to `resize` keeping the aspect, then crop size × size."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.cast(tf.round(shape * resize / tf.reduce_min(shape)), tf.int32)
+    image = tf.image.resize(image, new)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return tf.reshape(image[top:top + size, left:left + size], [size, size, 3])
+
+
+def _preprocess_fn(config, train, encoding):
+    """Returns f(data, seed) -> normalised float32 (S, S, 3); seed is a stateless [2] seed."""
+    size, augment = config.image_size, config.get('augment', 'none')
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment '{augment}' is not one of {AUGMENTS}: fix --config.augment")
+    pad = config.get('crop_padding', size // 8)
+    base = config.dataset.split(':')[0].split('/')[0]
+    mean, std = NORMALISATION.get(base, (IMAGENET_MEAN, IMAGENET_STD))
+    mean = tf.constant(config.get('mean', None) or mean, tf.float32)
+    std = tf.constant(config.get('std', None) or std, tf.float32)
+
+    def preprocess(data, seed):
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        if augment == 'imagenet' and train:
+            image = tf.image.resize(_inception_crop(data, encoding, crop_seed), [size, size])
+        elif augment == 'imagenet':
+            resize = config.get('eval_resize', None) or round(size * 256 / 224)
+            image = _centre_crop(_decode(data, encoding), size, resize)
+        else:
+            image = _resize(_decode(data, encoding), size)
+        if augment == 'cifar' and train:  # zero padding, as in fb.resnet.torch
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+            image = tf.image.stateless_random_crop(image, [size, size, 3], crop_seed)
+        if augment != 'none' and train:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return (tf.reshape(image, [size, size, 3]) - mean) / std
+
+    return preprocess
+
+
+def _options():
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _index_stream(n, seed, start):
+    """(position, example index) from global position `start` on; epoch e = shuffle[seed, e]."""
+    first, offset = divmod(start, n)
+
+    def epoch(e):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+        skip = tf.where(e == first, tf.constant(offset, tf.int64), 0)
+        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(skip, n), perm[skip:]))
+
+    return tf.data.Dataset.counter(first).flat_map(epoch)
+
+
+def _check_process(process_index, process_count):
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} is not in [0, {process_count})')
+
+
+def train_batches(config, batch_size, *, start_step=0, process_index=0, process_count=1,
+                  source=None) -> Iterator[dict]:
+    """Endless process-local batches {'image': f32 (b, S, S, 3), 'label': i32 (b,)}."""
+    _check_process(process_index, process_count)
+    source = source or make_source(config)
+    if batch_size * process_count > source.num_train:
+        raise ValueError(f'global batch {batch_size}×{process_count} exceeds the '
+                         f'{source.num_train} train examples: lower --config.batch_size')
+    preprocess = _preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'))
+    seed, b, auto = config.seed, batch_size, tf.data.AUTOTUNE
+    if isinstance(source, TfdsSource):  # streaming: deterministic for a fixed process count
+        split = tfds.even_splits(source.train_split, n=process_count,
+                                 drop_remainder=False)[process_index]
+        ds = source.read(split, seed).repeat().shuffle(config.get('shuffle_buffer', 10_000),
+                                                       seed=seed).enumerate()
+        ds = ds.skip(start_step * b).map(
+            lambda i, ex: {'image': preprocess(ex['image'], tf.stack(
+                [tf.constant(seed, tf.int64), i * process_count + process_index])),
+                'label': tf.cast(ex['label'], tf.int32)}, num_parallel_calls=auto)
+    else:
+        images, labels = (tf.constant(a) for a in source.train)
+        lo = process_index * b
+        ds = _index_stream(source.num_train, seed, start_step * b * process_count)
+        ds = ds.batch(b * process_count).map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
+        ds = ds.unbatch().map(
+            lambda p, i: {'image': preprocess(tf.gather(images, i), tf.stack(
+                [tf.constant(seed, tf.int64), p])), 'label': tf.gather(labels, i)},
+            num_parallel_calls=auto)
+    ds = ds.batch(b, drop_remainder=True).prefetch(auto).with_options(_options())
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(config, batch_size, *, process_index=0, process_count=1,
+                 source=None) -> Iterator[dict]:
+    """Process-local eval batches with 'mask'; every process yields `num_eval_batches`."""
+    _check_process(process_index, process_count)
+    source = source or make_source(config)
+    preprocess = _preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'))
+    no_seed = tf.zeros([2], tf.int64)
+    if isinstance(source, TfdsSource):
+        split = tfds.even_splits(source.eval_split, n=process_count,
+                                 drop_remainder=False)[process_index]
+        ds = source.read(split).map(lambda ex: (ex['image'], ex['label']))
+    else:
+        images, labels = source.eval
+        ds = tf.data.Dataset.from_tensor_slices(
+            np.arange(process_index, len(labels), process_count, dtype=np.int64))
+        images, labels = tf.constant(images), tf.constant(labels)
+        ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    ds = ds.map(lambda x, y: {'image': preprocess(x, no_seed), 'label': tf.cast(y, tf.int32),
+                              'mask': tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
+    size = config.image_size
+    padding = {'image': tf.zeros([size, size, 3]), 'label': tf.constant(0),
+               'mask': tf.constant(0.0)}
+    num_batches = num_eval_batches(source.num_eval, batch_size, process_count)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+    ds = ds.take(num_batches * batch_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options()).as_numpy_iterator()

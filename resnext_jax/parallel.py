@@ -1,0 +1,67 @@
+"""Every device of every process as one mesh; global batches built from process-local data.
+
+The batch is split along the mesh axis 'data'. Training state is replicated, or, with FSDP,
+each large parameter and its optimizer state is split along the same axis (ZeRO-3 style: XLA
+gathers a parameter where it is used and reduce-scatters its gradient).
+"""
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = 'data'
+
+
+def _cluster_detected():
+    env = os.environ
+    return (int(env.get('SLURM_NTASKS', '1')) > 1
+            or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+
+
+def initialize(coordinator_address=None, num_processes=None, process_id=None):
+    """Joins the processes of a multi-host run: explicitly, or auto-detected on a TPU pod, SLURM
+    or Open MPI. A single process needs no call. Must run before anything else touches JAX."""
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError('--coordinator_address needs --num_processes and --process_id')
+        # Cross-process collectives on CPU go through gloo; GPUs and TPUs ignore this.
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _cluster_detected():
+        jax.distributed.initialize()
+
+
+def make_mesh():
+    """A one-axis mesh over `jax.devices()` — all devices of all processes."""
+    return Mesh(np.asarray(jax.devices()), (DATA,))
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract_state, mesh, fsdp=False, min_size=2**16):
+    """Shardings for a pytree of arrays (or shapes): replicated, or with `fsdp` every array of at
+    least `min_size` elements split along its largest axis that the mesh size divides."""
+    def rule(x):
+        if fsdp and np.prod(x.shape) >= min_size:
+            for axis in sorted(range(len(x.shape)), key=lambda a: -x.shape[a]):
+                if x.shape[axis] % mesh.size == 0:
+                    spec = [None] * len(x.shape)
+                    spec[axis] = DATA
+                    return NamedSharding(mesh, P(*spec))
+        return replicated(mesh)
+    return jax.tree_util.tree_map(rule, abstract_state)
+
+
+def global_batch(local_batch, mesh):
+    """Global arrays, sharded over 'data', from this process's part of a batch (numpy arrays)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

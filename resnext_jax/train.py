@@ -1,0 +1,281 @@
+"""Training and evaluation: one jitted step over a mesh of every device of every process.
+
+config → model + sharded state → per-process input → global batch → jitted step → metrics and
+checkpoints. `train_and_evaluate(config, workdir)` is the whole run; it resumes from the newest
+complete checkpoint in `workdir`, including the input position.
+"""
+import functools
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from resnext_jax import data, parallel
+from resnext_jax.metrics import MetricsWriter
+from resnext_jax.models import create_model
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------
+# Model and optimizer
+# ------------------------------------------------------------------------------------------
+
+def build_model(config, num_classes):
+    return create_model(
+        config.model, num_classes=num_classes, form=config.form, dtype=config.dtype,
+        zero_init_last_bn=config.zero_init_last_bn, bn_group_size=config.bn_group_size or None,
+        **dict(config.model_options))
+
+
+def learning_rate_schedule(config, steps_per_epoch, num_steps):
+    """Linear scaling by global batch, optional linear warm-up, then step or cosine decay."""
+    base = config.learning_rate * config.batch_size / config.lr_base_batch_size
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == 'step':
+        decay = optax.piecewise_constant_schedule(base, {
+            int(e * steps_per_epoch) - warmup: config.lr_decay_factor
+            for e in config.lr_boundaries_epochs})
+    elif config.schedule == 'cosine':
+        decay = optax.cosine_decay_schedule(base, max(num_steps - warmup, 1))
+    else:
+        raise ValueError(f"unknown schedule {config.schedule!r}; use 'step' or 'cosine'")
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
+
+
+def create_optimizer(config, schedule):
+    """SGD with momentum and L2 weight decay added to the gradient, as PyTorch's SGD does."""
+    mask = None if config.decay_bn_and_bias else (
+        lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params))
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask),
+        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+
+
+# ------------------------------------------------------------------------------------------
+# Steps
+# ------------------------------------------------------------------------------------------
+
+def cross_entropy(logits, labels, smoothing=0.0):
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state, batch, *, model, tx, label_smoothing=0.0):
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+            mutable=['batch_stats'])
+        loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
+        return loss, (logits, updates['batch_stats'])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+    return state, {'loss': loss, 'top1': top1}
+
+
+def eval_step(state, batch, *, model):
+    """Sums over the examples whose mask is 1: loss, top-1 and top-5 hits, count."""
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                         batch['image'], train=False)
+    mask, labels = batch['mask'], batch['label']
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    hits = topk == labels[:, None]
+    return {'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+            'top1': jnp.sum(hits[:, 0] * mask),
+            'top5': jnp.sum(jnp.any(hits, -1) * mask),
+            'num_examples': jnp.sum(mask)}
+
+
+def evaluate(eval_fn, state, config, local_batch, mesh, source):
+    totals = None
+    for batch in data.eval_batches(config, local_batch, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), source=source):
+        sums = eval_fn(state, parallel.global_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.tree_util.tree_map(lambda x: float(np.asarray(x)), jax.device_get(totals))
+    n = totals['num_examples']
+    return {'loss': totals['loss'] / n, 'top1': totals['top1'] / n, 'top5': totals['top5'] / n,
+            'num_examples': int(n)}
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir, source=None):
+    """Trains `config` in `workdir` (local or gs://), resuming if it holds a checkpoint.
+
+    `source` replaces `config.dataset`, e.g. a `resnext_jax.data.ArraySource` of numpy arrays.
+    Returns the final evaluation metrics.
+    """
+    # ---------------------------------------------------------------- setup
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh()
+    process_count, process_index = jax.process_count(), jax.process_index()
+    if config.batch_size % jax.device_count():
+        raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                         f'{jax.device_count()} devices; choose a multiple of the device count')
+    local_batch = config.batch_size // process_count
+    source = source or data.make_source(config)
+    info = data.dataset_info(config, source)
+    steps_per_epoch = info.num_train // config.batch_size
+    if not steps_per_epoch:
+        raise ValueError(f'batch_size {config.batch_size} exceeds the {info.num_train} training '
+                         'examples; lower --config.batch_size')
+    num_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(config.num_epochs * steps_per_epoch))
+    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+    model = build_model(config, info.num_classes)
+    schedule = learning_rate_schedule(config, steps_per_epoch, num_steps)
+    tx = create_optimizer(config, schedule)
+
+    # ---------------------------------------------------------------- state
+    def init(rng):
+        shape = (1, config.image_size, config.image_size, 3)
+        variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+        params = variables['params']
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+
+    rng = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp)
+    checkpoints = ocp.CheckpointManager(
+        workdir / 'checkpoints',
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    meta = {'global_batch_size': config.batch_size, 'model': config.model,
+            'num_classes': info.num_classes, 'image_size': config.image_size}
+    if checkpoints.latest_step() is not None:
+        state, start = restore(checkpoints, abstract, shardings, meta), checkpoints.latest_step()
+        logging.info('resumed from %s at step %d', checkpoints.directory, start)
+    else:
+        state, start = jax.jit(init, out_shardings=shardings)(rng), 0
+    params_count = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))
+    logging.info('%s: %s parameters, %d devices in %d processes, %d steps of %d images',
+                 config.model, f'{params_count:,}', jax.device_count(), process_count,
+                 num_steps, config.batch_size)
+
+    # ---------------------------------------------------------------- compiled steps
+    batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    p_train = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
+    p_eval = jax.jit(functools.partial(eval_step, model=model),
+                     in_shardings=(shardings, batch_sh), out_shardings=repl)
+    writer = MetricsWriter(workdir, enabled=process_index == 0, resume_step=start)
+
+    def run_eval(step):
+        result = evaluate(p_eval, state, config, local_batch, mesh, source)
+        writer.write(step, 'eval', **result, epoch=step / steps_per_epoch)
+        logging.info('eval at step %d: loss %.4f, top-1 %.2f%%, top-5 %.2f%% (%d examples)',
+                     step, result['loss'], 100 * result['top1'], 100 * result['top5'],
+                     result['num_examples'])
+        return result
+
+    # ---------------------------------------------------------------- loop
+    batches = data.train_batches(config, local_batch, start_step=start,
+                                 process_index=process_index, process_count=process_count,
+                                 source=source)
+    pending, t0, t_start, result = [], time.perf_counter(), time.perf_counter(), None
+    try:
+        for step in range(start + 1, num_steps + 1):
+            state, step_metrics = p_train(state, parallel.global_batch(next(batches), mesh))
+            pending.append(step_metrics)
+            if step % config.log_every_steps == 0 or step == num_steps:
+                values = jax.device_get(pending)
+                loss = _finite_mean_loss(values, step, checkpoints.directory)
+                dt = time.perf_counter() - t0
+                speed = len(values) * config.batch_size / dt
+                writer.write(step, 'train', loss=loss,
+                             top1=float(np.mean([v['top1'] for v in values])),
+                             learning_rate=float(schedule(step - 1)), images_per_sec=speed,
+                             epoch=step / steps_per_epoch)
+                eta = (num_steps - step) * dt / len(values)
+                logging.info('step %d/%d  loss %.4f  %.1f img/s  ETA %s', step, num_steps, loss,
+                             speed, time.strftime('%H:%M:%S', time.gmtime(eta)))
+                pending, t0 = [], time.perf_counter()
+            if step % eval_every == 0 or step == num_steps:
+                result = run_eval(step)
+            if step % config.checkpoint_every_steps == 0 or step == num_steps:
+                _finite_mean_loss(jax.device_get(pending), step, checkpoints.directory)
+                checkpoints.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({**meta, 'step': step})))
+        if result is None:  # nothing left to train: report the restored state
+            result = run_eval(start)
+    finally:  # an interrupted run still completes the saves it started
+        checkpoints.wait_until_finished()
+        checkpoints.close()
+    logging.info('done in %.1f s: top-1 %.2f%%, top-5 %.2f%% on %d %s examples',
+                 time.perf_counter() - t_start, 100 * result['top1'], 100 * result['top5'],
+                 result['num_examples'], config.eval_split)
+    return result
+
+
+def _finite_mean_loss(values, step, directory):
+    """Mean loss of the step metrics in `values`; stops the run before a non-finite state is
+    logged as progress or saved."""
+    losses = [float(v['loss']) for v in values]
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f'training loss is not finite at step {step}; stopping. The last good checkpoint '
+            f'is kept in {directory}; lower --config.learning_rate')
+    return float(np.mean(losses)) if losses else float('nan')
+
+
+def restore(checkpoints, abstract, shardings, meta):
+    """The newest checkpoint's state, placed with `shardings`; refuses a different batch."""
+    step = checkpoints.latest_step()
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    saved = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    for key in ('global_batch_size', 'model', 'num_classes'):
+        if saved.get(key) != meta[key]:
+            raise ValueError(
+                f'the checkpoint at step {step} in {checkpoints.directory} has {key}='
+                f'{saved.get(key)!r} but the config says {meta[key]!r}; use a new --workdir '
+                f'or the same setting')
+    return checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+
+
+def load_checkpoint(workdir, step=None):
+    """(state, meta) of a checkpoint in `workdir` (default: the newest) as numpy arrays on the
+    host, whatever the mesh that wrote it; `state` is a dict with params, batch_stats, ..."""
+    directory = epath.Path(workdir) / 'checkpoints'
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as checkpoints:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'no checkpoint in {directory}')
+        tree = checkpoints.item_metadata(step)['state'].tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        restored = checkpoints.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        state, meta = jax.device_get(restored['state']), restored['meta']
+    return state, meta

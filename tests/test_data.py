@@ -1,0 +1,241 @@
+"""Input pipeline: splits, multi-host equivalence, resume, epochs, eval padding, sources, errors."""
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from resnext_jax import data
+
+
+def make_config(**kw):
+    base = dict(dataset='digits', train_split='train', eval_split='test', data_dir=None,
+                image_size=16, augment='cifar', shuffle_buffer=64, seed=3, in_memory=None,
+                mean=None, std=None)
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def index_source(num_train, num_eval, size=4):
+    """An ArraySource whose image k (train) / 1000 + k (eval) encodes k in pixel (0, 0, 0..1)."""
+    def images(ids):
+        x = np.zeros((len(ids), size, size, 1), np.float32)
+        x[:, 0, 0, 0], x[:, 0, 1, 0] = ids // 256, ids % 256
+        return x
+    train, evals = np.arange(num_train), 1000 + np.arange(num_eval)
+    return data.ArraySource(images(train), train % 5, images(evals), evals % 5, 5)
+
+
+def decode_ids(batch):
+    """Inverts index_source under mean 0, std 1, augment 'none'."""
+    x = np.round(batch['image'][:, 0, :2, 0]).astype(int)
+    return x[:, 0] * 256 + x[:, 1]
+
+
+@pytest.fixture(scope='module')
+def digits():
+    return data.make_source(make_config())
+
+
+def test_digits_split_is_the_held_out_fifth(digits):
+    config = make_config(image_size=8, augment='none', mean=(0., 0., 0.), std=(1., 1., 1.))
+    info = data.dataset_info(config, digits)
+    assert info == data.DatasetInfo(10, 1437, 360, 8)
+    sk = load_digits()
+    held_out = np.random.default_rng(0).permutation(1797)[-360:]
+    expected = np.round(sk.images[held_out] * 255 / 16)
+    batches = list(data.eval_batches(config, 100, source=digits))
+    assert len(batches) == data.num_eval_batches(info, 100, 1) == 4
+    images = np.concatenate([b['image'] for b in batches])[:360]
+    labels = np.concatenate([b['label'] for b in batches])[:360]
+    np.testing.assert_array_equal(images, np.repeat(expected[..., None], 3, -1))
+    np.testing.assert_array_equal(labels, sk.target[held_out])
+    mask = np.concatenate([b['mask'] for b in batches])
+    assert mask.sum() == 360 and not mask[360:].any()
+    epoch = np.concatenate([b['image'][..., 0] for b in take(
+        data.train_batches(config, 479, source=digits), 3)])  # 3 × 479 = 1437: one epoch
+    train = np.round(sk.images[np.setdiff1d(np.arange(1797), held_out)] * 255 / 16)
+    assert sorted(map(bytes, epoch.astype(np.uint8))) == sorted(map(bytes, train.astype(np.uint8)))
+
+
+def test_digits_shapes_dtypes_and_normalisation(digits):
+    config = make_config()
+    batch = next(data.train_batches(config, 64, source=digits))
+    assert batch['image'].shape == (64, 16, 16, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
+    assert set(batch) == {'image', 'label'}
+    ev = next(data.eval_batches(config, 64, source=digits))
+    assert ev['image'].shape == (64, 16, 16, 3) and ev['mask'].dtype == np.float32
+    assert abs(ev['image'].mean()) < 0.3 and 0.5 < ev['image'].std() < 1.5
+
+
+@pytest.mark.parametrize('augment', ['cifar', 'imagenet'])
+def test_process_count_does_not_change_the_global_batch(digits, augment):
+    config = make_config(augment=augment)
+    start, steps, global_batch = 43, 4, 32  # 1437 / 32 ≈ 44.9: crosses the epoch boundary
+    reference = take(data.train_batches(config, global_batch, start_step=start,
+                                        source=digits), steps)
+    for count in (2, 4):
+        parts = [take(data.train_batches(config, global_batch // count, start_step=start,
+                                         process_index=i, process_count=count,
+                                         source=digits), steps) for i in range(count)]
+        for t in range(steps):
+            for key in ('image', 'label'):
+                joined = np.concatenate([parts[i][t][key] for i in range(count)])
+                np.testing.assert_array_equal(joined, reference[t][key])
+
+
+def test_resume_matches_the_uninterrupted_stream(digits):
+    config = make_config()
+    full = take(data.train_batches(config, 32, source=digits), 48)
+    assert not np.array_equal(full[0]['image'], full[1]['image'])
+    for k in (1, 44):
+        resumed = take(data.train_batches(config, 32, start_step=k, source=digits), 48 - k)
+        for a, b in zip(resumed, full[k:]):
+            np.testing.assert_array_equal(a['image'], b['image'])
+            np.testing.assert_array_equal(a['label'], b['label'])
+    other_seed = next(data.train_batches(make_config(seed=4), 32, source=digits))
+    assert not np.array_equal(other_seed['label'], full[0]['label'])
+
+
+def test_every_example_once_per_epoch_and_reshuffled():
+    source = index_source(60, 7)
+    config = make_config(augment='none', image_size=4, mean=(0.,) * 3, std=(1.,) * 3)
+    batches = take(data.train_batches(config, 12, source=source), 10)  # two epochs
+    ids = np.concatenate([decode_ids(b) for b in batches])
+    assert sorted(ids[:60]) == list(range(60)) and sorted(ids[60:]) == list(range(60))
+    assert not np.array_equal(ids[:60], ids[60:])
+    np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), ids % 5)
+
+
+def test_batches_cross_epoch_boundaries_as_one_stream():
+    source = index_source(50, 3)
+    config = make_config(augment='none', image_size=4, mean=(0.,) * 3, std=(1.,) * 3)
+    ids = np.concatenate([decode_ids(b) for b in take(data.train_batches(
+        config, 16, source=source), 7)])  # 112 = 50 + 50 + 12
+    for epoch in range(2):
+        assert sorted(ids[50 * epoch:50 * (epoch + 1)]) == list(range(50))
+    assert len(set(ids[100:])) == 12
+
+
+@pytest.mark.parametrize('count', [1, 3])
+def test_eval_covers_every_example_once(count):
+    source = index_source(20, 23)
+    config = make_config(augment='none', image_size=4, mean=(0.,) * 3, std=(1.,) * 3)
+    expected_batches = data.num_eval_batches(data.dataset_info(config, source), 4, count)
+    assert expected_batches == -(-(-(-23 // count)) // 4)
+    seen = []
+    for i in range(count):
+        batches = list(data.eval_batches(config, 4, process_index=i, process_count=count,
+                                         source=source))
+        assert len(batches) == expected_batches
+        for b in batches:
+            assert b['image'].shape == (4, 4, 4, 3)
+            keep = b['mask'] == 1.0
+            assert set(np.unique(b['mask'])) <= {0.0, 1.0}
+            assert not b['image'][~keep].any() and not b['label'][~keep].any()
+            seen += list(decode_ids(b)[keep])
+    assert sorted(seen) == list(range(1000, 1023))
+
+
+def test_grayscale_and_float_array_source():
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (10, 6, 6, 1)).astype(np.uint8)
+    source = data.ArraySource(gray, np.arange(10) % 2, gray[:3], [0, 1, 0], 2)
+    config = make_config(augment='none', image_size=6, mean=(0.,) * 3, std=(1.,) * 3)
+    ev = next(data.eval_batches(config, 3, source=source))
+    np.testing.assert_array_equal(ev['image'], np.repeat(gray[:3], 3, -1).astype(np.float32))
+
+
+def test_folder_source(tmp_path):
+    rng = np.random.default_rng(0)
+    counts = {'train': {'cat': 3, 'dog': 2, 'emu': 4}, 'val': {'cat': 1, 'emu': 2}}
+    for split, classes in counts.items():
+        for name, n in classes.items():
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for k in range(n):
+                size = (5 + k, 7, 3 if k % 2 else 1)
+                png = tf.io.encode_png(rng.integers(0, 256, size).astype(np.uint8))
+                (folder / f'{k}.png').write_bytes(png.numpy())
+            (folder / 'notes.txt').write_text('not an image')
+    config = make_config(dataset=f'folder:{tmp_path}', eval_split='val', image_size=8)
+    source = data.make_source(config)
+    assert data.dataset_info(config, source) == data.DatasetInfo(3, 9, 3, 8)
+    ev = list(data.eval_batches(config, 8, source=source))
+    assert len(ev) == 1 and ev[0]['mask'].sum() == 3
+    assert list(ev[0]['label'][:3]) == [0, 2, 2]  # cat, emu, emu in sorted class order
+    assert ev[0]['image'].shape == (8, 8, 8, 3)
+    for augment in ('imagenet', 'cifar'):
+        batch = next(data.train_batches(make_config(**{**config.to_dict(), 'augment': augment}),
+                                        9, source=source))
+        assert batch['image'].shape == (9, 8, 8, 3)
+        assert sorted(batch['label']) == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / 'train' / 'a').mkdir(parents=True)
+    config = make_config(dataset=f'folder:{tmp_path}', eval_split='val')
+    with pytest.raises(ValueError, match='no .* images'):
+        data.make_source(config)
+    (tmp_path / 'train' / 'a' / 'x.png').write_bytes(
+        tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy())
+    with pytest.raises(ValueError, match='val does not exist'):
+        data.make_source(config)
+
+
+def test_tfds_cifar10_in_memory_and_streaming():
+    config = make_config(dataset='cifar10', image_size=32, augment='cifar')
+    with tfds.testing.mock_data(num_examples=24):
+        for in_memory in (None, False):
+            config.in_memory = in_memory
+            source = data.make_source(config)
+            assert isinstance(source, data.TfdsSource) == (in_memory is False)
+            info = data.dataset_info(config, source)
+            assert (info.num_classes, info.num_train, info.num_eval) == (10, 24, 24)
+            batch = next(data.train_batches(config, 8, source=source))
+            assert batch['image'].shape == (8, 32, 32, 3) and batch['label'].dtype == np.int32
+            ev = list(data.eval_batches(config, 10, source=source))
+            assert len(ev) == 3 and sum(b['mask'].sum() for b in ev) == 24
+
+
+def test_tfds_streaming_resume_and_imagenet_crop():
+    config = make_config(dataset='imagenet2012', image_size=24, augment='imagenet',
+                         in_memory=False, shuffle_buffer=16)
+    with tfds.testing.mock_data(num_examples=20):
+        source = data.make_source(config)
+        assert isinstance(source, data.TfdsSource) and source.num_classes == 1000
+        full = take(data.train_batches(config, 4, source=source), 8)
+        resumed = take(data.train_batches(config, 4, start_step=5, source=source), 3)
+        for a, b in zip(resumed, full[5:]):
+            np.testing.assert_array_equal(a['image'], b['image'])
+            np.testing.assert_array_equal(a['label'], b['label'])
+        assert full[0]['image'].shape == (4, 24, 24, 3)
+        ev = next(data.eval_batches(config, 4, process_index=1, process_count=2,
+                                    source=source))
+        assert ev['image'].shape == (4, 24, 24, 3) and ev['mask'].all()
+
+
+def test_unknown_and_unprepared_datasets(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
+        data.make_source(make_config(dataset='no_such_set'))
+    with pytest.raises(ValueError, match="'mnist' is not prepared in .*data_dir"):
+        data.make_source(make_config(dataset='mnist', data_dir=str(tmp_path)))
+
+
+def test_array_source_errors(digits):
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match='outside'):
+        data.ArraySource(images, [0, 1, 2, 3], images, [0, 0, 0, 0], 3)
+    with pytest.raises(ValueError, match='4 images but labels'):
+        data.ArraySource(images, [0, 1, 2], images, [0, 0, 0, 0], 3)
+    with pytest.raises(ValueError, match='exceeds the 1437 train examples'):
+        data.train_batches(make_config(), 1000, process_count=2, source=digits)
+    with pytest.raises(ValueError, match="digits has splits"):
+        data.make_source(make_config(eval_split='validation'))

@@ -1,0 +1,329 @@
+"""train.py and resnext_jax.train: end to end over 8 devices, two processes, resume, eval, BN.
+
+Every run here is a tiny ResNeXt on real or mock data for a few steps; what is asserted is
+equality between runs that must agree, against numbers computed another way.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import quickstart
+from resnext_jax import GroupedBatchNorm, create_model, data, parallel, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {'stage_sizes': (1, 1, 1), 'stem_width': 8, 'base_features': 16}
+
+
+def tiny_config(**overrides):
+    """The quick-start recipe shrunk: 8×8 digits, ResNeXt 2×4d with one block per stage."""
+    c = quickstart.get_config()
+    c.model, c.model_options = 'resnext29_2x4d', dict(TINY)
+    c.image_size, c.batch_size, c.num_train_steps = 8, 16, 6
+    c.augment, c.schedule, c.warmup_epochs = 'cifar', 'step', 0.0
+    c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 1, 2, 100.0
+    c.update(overrides)
+    return c
+
+
+def read_metrics(workdir, split='train'):
+    """metrics.jsonl records of one split, without the wall-clock speed."""
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k != 'images_per_sec'}
+            for r in records if r['split'] == split]
+
+
+def assert_trees_close(a, b, rtol=0.0, atol=0.0):
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def test_end_to_end_on_mock_tfds_over_8_devices(tmp_path):
+    assert jax.device_count() == 8
+    config = tiny_config(dataset='cifar10', in_memory=False, image_size=16, batch_size=16,
+                         num_train_steps=4, checkpoint_every_steps=3, eval_every_epochs=0.5)
+    with tfds.testing.mock_data(num_examples=40):    # 40 train, 40 test: 2 steps per epoch
+        result = train.train_and_evaluate(config, tmp_path)
+    assert result['num_examples'] == 40 and 0 <= result['top1'] <= result['top5'] <= 1
+    assert [r['step'] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    evals = read_metrics(tmp_path, 'eval')
+    assert [r['step'] for r in evals] == [1, 2, 3, 4] and evals[-1]['top1'] == result['top1']
+    assert os.listdir(tmp_path / 'tensorboard')
+    state, meta = train.load_checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '4']
+    assert meta['step'] == 4 and int(state['step']) == 4
+    assert meta['global_batch_size'] == 16 and meta['num_classes'] == 10
+
+
+def test_quickstart_learns_digits(tmp_path):
+    """A short run of the quick-start recipe learns: held-out top-1 far above chance."""
+    config = quickstart.get_config()
+    config.num_epochs, config.eval_every_epochs = 3.0, 3.0
+    result = train.train_and_evaluate(config, tmp_path)
+    assert result['num_examples'] == 360 and result['top1'] > 0.8
+
+
+# ------------------------------------------------------------------------------ multi-process
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_8_devices(tmp_path):
+    config_file = tmp_path / 'tiny.py'
+    config_file.write_text(
+        'import sys\n'
+        f'sys.path.insert(0, {os.path.dirname(__file__)!r})\n'
+        'from test_train import tiny_config as get_config\n')
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=4 '
+                        '--xla_backend_optimization_level=0'}
+    address = f'127.0.0.1:{free_port()}'
+    procs = [subprocess.Popen(
+        [sys.executable, 'train.py', f'--config={config_file}', f'--workdir={tmp_path / "two"}',
+         f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert '2 processes' in outputs[0]
+
+    one = train.train_and_evaluate(tiny_config(), tmp_path / 'one')
+    two_train, one_train = read_metrics(tmp_path / 'two'), read_metrics(tmp_path / 'one')
+    assert [r['step'] for r in two_train] == list(range(1, 7))
+    for a, b in zip(two_train, one_train):
+        assert a['step'] == b['step'] and a['top1'] == b['top1']
+        np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+    (two_eval,), (one_eval,) = read_metrics(tmp_path / 'two', 'eval'), [one]
+    assert two_eval['num_examples'] == one_eval['num_examples'] == 360
+    np.testing.assert_allclose(two_eval['loss'], one_eval['loss'], rtol=1e-4)
+    state_two, _ = train.load_checkpoint(tmp_path / 'two')
+    state_one, _ = train.load_checkpoint(tmp_path / 'one')
+    assert_trees_close(state_two, state_one, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ resume
+
+class Preempted(Exception):
+    pass
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    config = tiny_config(eval_every_epochs=3.5 / 89)  # 89 steps per epoch: eval every 3
+    full = train.train_and_evaluate(config, tmp_path / 'full')
+
+    real_batches = data.train_batches
+
+    def preempted_at_step_6(*args, **kwargs):  # steps 1-5 run; the checkpoint of step 4 is last
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if i == 5:
+                raise Preempted
+            yield batch
+
+    monkeypatch.setattr(data, 'train_batches', preempted_at_step_6)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(config, tmp_path / 'resumed')
+    assert [r['step'] for r in read_metrics(tmp_path / 'resumed')] == [1, 2, 3, 4, 5]
+    assert train.load_checkpoint(tmp_path / 'resumed')[1]['step'] == 4
+    monkeypatch.setattr(data, 'train_batches', real_batches)
+    resumed = train.train_and_evaluate(config, tmp_path / 'resumed')
+
+    assert resumed == full
+    for split in ('train', 'eval'):
+        assert read_metrics(tmp_path / 'resumed', split) == read_metrics(tmp_path / 'full', split)
+    assert_trees_close(train.load_checkpoint(tmp_path / 'resumed')[0],
+                       train.load_checkpoint(tmp_path / 'full')[0])
+
+    # A finished run re-evaluates and stops; a different global batch is refused.
+    assert train.train_and_evaluate(config, tmp_path / 'full') == full
+    with pytest.raises(ValueError, match='global_batch_size=16 but the config says 32'):
+        train.train_and_evaluate(tiny_config(batch_size=32), tmp_path / 'full')
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+@pytest.mark.parametrize('batch_size', [64, 56])
+def test_eval_counts_each_example_once(batch_size):
+    """360 held-out digits in batches of 64 or 56 (neither divides 360) over 8 devices: the
+    masked sums equal a plain forward pass over the 360 images."""
+    config = tiny_config(augment='none', mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
+    source = data.make_source(config)
+    model = train.build_model(config, 10)
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
+    variables = jax.tree_util.tree_map(   # non-trivial BN statistics
+        lambda x: x + 0.1 * jax.random.uniform(jax.random.key(2), x.shape), variables)
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                             batch_stats=variables['batch_stats'], opt_state=())
+    mesh = parallel.make_mesh()
+    eval_fn = jax.jit(lambda s, b: train.eval_step(s, b, model=model))
+    got = train.evaluate(eval_fn, state, config, batch_size, mesh, source)
+
+    images, labels = source.eval
+    images = np.repeat(images.astype(np.float32) / 255.0, 3, axis=-1)
+    logits = np.asarray(model.apply(variables, images), np.float64)
+    assert got['num_examples'] == len(labels) == 360
+    np.testing.assert_allclose(got['top1'], np.mean(logits.argmax(-1) == labels))
+    top5 = np.argsort(-logits, -1)[:, :5]
+    np.testing.assert_allclose(got['top5'], np.mean((top5 == labels[:, None]).any(-1)))
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float64)))
+    np.testing.assert_allclose(got['loss'], -np.mean(logp[np.arange(360), labels]), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ batch norm
+
+def test_grouped_batch_norm_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (8, 3, 3, 4)).astype(np.float32)
+    scale, bias = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    bn = GroupedBatchNorm(group_size=4, momentum=0.8, epsilon=1e-3)
+    variables = bn.init(jax.random.key(0), x)
+    variables = {'params': {'scale': scale, 'bias': bias},
+                 'batch_stats': variables['batch_stats']}
+    y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+
+    expected, means, variances = [], [], []
+    for group in (x[:4], x[4:]):
+        mean = group.reshape(-1, 4).mean(0)
+        var = ((group.reshape(-1, 4) - mean) ** 2).mean(0)
+        expected.append((group - mean) / np.sqrt(var + 1e-3) * scale + bias)
+        means.append(mean)
+        variances.append(var)
+    np.testing.assert_allclose(y, np.concatenate(expected), rtol=1e-5, atol=1e-5)
+    stats = updates['batch_stats']
+    np.testing.assert_allclose(stats['mean'], 0.2 * np.mean(means, 0), rtol=1e-5)
+    np.testing.assert_allclose(stats['var'], 0.8 + 0.2 * np.mean(variances, 0), rtol=1e-5)
+
+    # Eval uses the running statistics, and one group of the whole batch is plain BatchNorm.
+    y_eval = GroupedBatchNorm(4, use_running_average=True, epsilon=1e-3).apply(
+        {**variables, 'batch_stats': stats}, x)
+    np.testing.assert_allclose(
+        y_eval, (x - stats['mean']) / np.sqrt(stats['var'] + 1e-3) * scale + bias, rtol=1e-5,
+        atol=1e-5)
+    plain = nn.BatchNorm(use_running_average=False, epsilon=1e-3)
+    np.testing.assert_allclose(
+        GroupedBatchNorm(8, epsilon=1e-3).apply(variables, x, mutable=['batch_stats'])[0],
+        plain.apply(variables, x, mutable=['batch_stats'])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='groups of 3 images do not divide the batch of 8'):
+        GroupedBatchNorm(3).apply(variables, x, mutable=['batch_stats'])
+
+
+def test_grouped_batch_norm_in_a_sharded_step_is_per_group():
+    """bn_group_size=2 on a batch of 16 over 8 devices: each image pair is normalised on its own,
+    so the logits of a pair do not depend on the rest of the batch."""
+    model = create_model('resnext29_2x4d', num_classes=10, bn_group_size=2, **TINY)
+    x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3))
+    variables = model.init(jax.random.key(1), x[:2])
+    mesh = parallel.make_mesh()
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0],
+                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)))
+    sharded = np.asarray(apply(variables, x))
+    pair = np.asarray(model.apply(variables, x[6:8], train=True, mutable=['batch_stats'])[0])
+    np.testing.assert_allclose(sharded[6:8], pair, rtol=1e-4, atol=1e-5)
+    whole = create_model('resnext29_2x4d', num_classes=10, **TINY)
+    assert not np.allclose(whole.apply(variables, x, train=True, mutable=['batch_stats'])[0],
+                           sharded, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ optimization
+
+def test_learning_rate_scales_with_batch_warms_up_and_steps():
+    config = tiny_config(learning_rate=0.1, lr_base_batch_size=256, batch_size=512,
+                         schedule='step', lr_boundaries_epochs=(30, 60), warmup_epochs=2.0)
+    lr = train.learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
+    np.testing.assert_allclose([lr(0), lr(10), lr(20), lr(299), lr(300), lr(600)],
+                               [0.0, 0.1, 0.2, 0.2, 0.02, 0.002], rtol=1e-6, atol=1e-9)
+    config.update({'schedule': 'cosine', 'warmup_epochs': 0.0})
+    lr = train.learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
+    np.testing.assert_allclose([lr(0), lr(450), lr(900)], [0.2, 0.1, 0.0], atol=1e-7)
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        train.learning_rate_schedule(tiny_config(schedule='linear'), 10, 100)
+
+
+@pytest.mark.parametrize('decay_bn_and_bias', [True, False])
+def test_weight_decay_choice_for_bn_and_bias(decay_bn_and_bias):
+    config = tiny_config(weight_decay=0.5, momentum=0.0, decay_bn_and_bias=decay_bn_and_bias)
+    tx = train.create_optimizer(config, 0.1)
+    params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))}, 'bn': {'scale': jnp.ones(2)},
+              'head': {'bias': jnp.ones(2)}}
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params),
+                           params)
+    np.testing.assert_allclose(updates['conv']['kernel'], -0.05)
+    np.testing.assert_allclose(updates['bn']['scale'], -0.05 if decay_bn_and_bias else 0.0)
+    np.testing.assert_allclose(updates['head']['bias'], -0.05 if decay_bn_and_bias else 0.0)
+
+
+def test_fsdp_shards_state_and_trains_like_replicated(tmp_path, monkeypatch):
+    config = tiny_config(num_train_steps=2, log_every_steps=1)
+    model = train.build_model(config, 10)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    mesh = parallel.make_mesh()
+    shardings = parallel.state_shardings(abstract, mesh, fsdp=True, min_size=64)
+    for x, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)):
+        split = [a for a, name in enumerate(s.spec) if name == 'data']
+        if x.size >= 64 and any(n % 8 == 0 for n in x.shape):   # the largest such axis is split
+            assert split == [max((a for a in range(x.ndim) if x.shape[a] % 8 == 0),
+                                 key=lambda a: x.shape[a])], (x.shape, s.spec)
+        else:
+            assert not split, (x.shape, s.spec)
+    assert any('data' in s.spec for s in jax.tree_util.tree_leaves(shardings))
+
+    replicated = train.train_and_evaluate(config, tmp_path / 'replicated')
+    real = parallel.state_shardings  # the config option, with a threshold for the tiny model
+    monkeypatch.setattr(parallel, 'state_shardings',
+                        lambda a, m, fsdp=False: real(a, m, fsdp, min_size=64))
+    sharded = train.train_and_evaluate(tiny_config(num_train_steps=2, fsdp=True),
+                                       tmp_path / 'fsdp')
+    np.testing.assert_allclose(sharded['loss'], replicated['loss'], rtol=1e-5)
+    assert_trees_close(train.load_checkpoint(tmp_path / 'fsdp')[0],
+                       train.load_checkpoint(tmp_path / 'replicated')[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
+    config = tiny_config(dtype='bfloat16', num_train_steps=2)
+    result = train.train_and_evaluate(config, tmp_path)
+    assert np.isfinite(result['loss'])
+    state, _ = train.load_checkpoint(tmp_path)
+    dtypes = {x.dtype for x in jax.tree_util.tree_leaves(state['params'])}
+    assert dtypes == {np.dtype('float32')}
+
+
+# ------------------------------------------------------------------------------ bad input
+
+def run_cli(*args, **env):
+    return subprocess.run(
+        [sys.executable, 'train.py', *args], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, timeout=300)
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    out = run_cli(f'--workdir={tmp_path}', '--config.augment=sideways')
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: augment 'sideways' is not one of ('imagenet', 'cifar', 'none'): fix "
+        '--config.augment')
+
+
+def test_bad_batch_and_divergence(tmp_path):
+    with pytest.raises(ValueError, match='batch_size 12 is not divisible by the 8 devices'):
+        train.train_and_evaluate(tiny_config(batch_size=12), tmp_path / 'a')
+    with pytest.raises(FloatingPointError, match='loss is not finite at step 2'):
+        train.train_and_evaluate(tiny_config(learning_rate=float('inf')), tmp_path / 'b')
+    assert not os.listdir(tmp_path / 'b' / 'checkpoints')   # nothing non-finite was saved
