@@ -16,6 +16,16 @@ and `form` only chooses how they are evaluated, so checkpoints move freely betwe
     'concat'     (b) C separate 1×1 → 3×3 paths, concatenated, one 1×1
     'grouped'    (c) 1×1 → grouped 3×3 (`feature_group_count=C`) → 1×1
     'blockdiag'  1×1 → dense 3×3 with a block-diagonal kernel → 1×1
+    'sliced'     1×1 → the 3×3 as dense convolutions over channel slices of at least
+                 `SLICE_WIDTH` channels (whole groups each; block-diagonal within a slice) → 1×1
+    'auto'       (default) the fastest measured on the backend: 'sliced' on CPU, 'grouped' on
+                 GPU and TPU
+
+Why 'sliced' on CPU: XLA:CPU runs a grouped convolution's forward pass group by group and
+expands the weight gradient (a `batch_group_count` convolution) into a convolution G times
+larger; a 16×56×56, 128-channel, 32-group 3×3 takes 0.37 s forward, 23.6 s forward+backward.
+As 16 dense slices of 8 channels it takes 0.04 s / 0.15 s; as one block-diagonal dense
+convolution 0.12 s / 1.16 s (`python -m resnext_jax.benchmark --layer` measures these).
 
 Batch norm and ReLU act on each channel alone, so applying them to the concatenated paths is
 the same as giving each path its own.
@@ -24,10 +34,12 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-FORMS = ('paths', 'concat', 'grouped', 'blockdiag')
+FORMS = ('auto', 'paths', 'concat', 'grouped', 'blockdiag', 'sliced')
+SLICE_WIDTH = 8  # channels per slice in 'sliced' (rounded up to whole groups)
 
 # He normal with fan-out, no truncation: the official code's `normal(0, sqrt(2 / (k·k·out)))`.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -37,7 +49,13 @@ default_norm = functools.partial(nn.BatchNorm, use_running_average=True, momentu
 
 
 def conv(x, kernel, strides=1, groups=1):
-    """NHWC convolution with an HWIO kernel and symmetric 'same' padding (as PyTorch pads)."""
+    """NHWC convolution with an HWIO kernel and symmetric 'same' padding (as PyTorch pads).
+
+    A 1×1 convolution is computed as a matrix product: the same numbers, and on XLA:CPU 3-5×
+    faster forward and backward (16×56×56, 256→128: 0.92 s → 0.19 s forward+backward).
+    """
+    if kernel.shape[:2] == (1, 1) and groups == 1:
+        return jnp.einsum('nhwc,co->nhwo', x[:, ::strides, ::strides], kernel[0, 0])
     pad = kernel.shape[0] // 2
     return lax.conv_general_dilated(
         x, kernel, (strides, strides), ((pad, pad), (pad, pad)),
@@ -58,6 +76,27 @@ def check_form(form):
     return form
 
 
+def resolve_form(form, backend=None):
+    """The form that runs: 'auto' becomes the fastest on `backend` (default: JAX's)."""
+    if check_form(form) != 'auto':
+        return form
+    return 'sliced' if (backend or jax.default_backend()) == 'cpu' else 'grouped'
+
+
+def sliced_conv(x, kernel, groups, strides=1, min_width=SLICE_WIDTH):
+    """A grouped convolution as dense convolutions over channel slices of ≥ `min_width`."""
+    d = kernel.shape[2]
+    per = min(-(-min_width // d), groups)  # groups per slice: a divisor of `groups`
+    while groups % per:
+        per += 1
+    if per == groups:
+        return conv(x, block_diagonal(kernel, groups), strides)
+    slices = groups // per
+    return jnp.concatenate([
+        conv(xs, ks if per == 1 else block_diagonal(ks, per), strides)
+        for xs, ks in zip(jnp.split(x, slices, -1), jnp.split(kernel, slices, -1))], -1)
+
+
 class Kernel(nn.Module):
     """One convolution kernel, stored as `<name>/kernel` like `nn.Conv` stores it."""
     shape: tuple
@@ -74,7 +113,7 @@ class AggregatedTransform(nn.Module):
     width: int                    # C·d, the channels of the grouped 3×3 convolution
     features: int                 # output channels
     strides: int = 1              # in the 3×3 convolution, as in the official code
-    form: str = 'grouped'
+    form: str = 'auto'
     norm: Callable[..., nn.Module] = default_norm
     zero_init_last: bool = False  # start each block as the identity (γ = 0 in bn3)
     dtype: Any = jnp.float32
@@ -82,7 +121,7 @@ class AggregatedTransform(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        C, form = self.cardinality, check_form(self.form)
+        C, form = self.cardinality, resolve_form(self.form)
         if self.width % C:
             raise ValueError(f'width {self.width} is not divisible by cardinality {C}')
         d = self.width // C
@@ -111,6 +150,8 @@ class AggregatedTransform(nn.Module):
             h = nn.relu(bn1(conv(x, w1)))
             if form == 'grouped':
                 h = conv(h, w2, self.strides, groups=C)
+            elif form == 'sliced':
+                h = sliced_conv(h, w2, C, self.strides)
             else:
                 h = conv(h, block_diagonal(w2, C), self.strides)
             y = conv(nn.relu(bn2(h)), w3)

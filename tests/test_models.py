@@ -12,6 +12,7 @@ from jax import lax
 
 import resnext_jax
 from resnext_jax import summary
+from resnext_jax.aggregated import conv, resolve_form, sliced_conv
 from resnext_jax.models import Bottleneck, ResNeXt
 
 # A small network with the full topology: stride-2 stage, projection shortcuts, 4 paths.
@@ -181,6 +182,30 @@ def test_all_forms_compute_the_same_function_and_gradients():
             assert max_rel_err(grads, grads_ref) <= 1e-5, (form, train)
             if train:
                 assert max_rel_err(stats, stats_ref) <= 1e-5, form
+
+
+@pytest.mark.parametrize('groups,d,strides', [(8, 4, 1), (6, 4, 2), (4, 8, 2), (2, 2, 1),
+                                               (3, 2, 1)])
+def test_sliced_convolution_equals_grouped(groups, d, strides):
+    """Slices of 2 groups (d=4), 1 group (d=8), all groups (2×2), and 3 groups that round
+    4 up to 6 channels (3×2): outputs and both gradients as the native grouped convolution."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, groups * d))
+    w = jax.random.normal(jax.random.key(1), (3, 3, d, groups * d))
+    probe = jax.random.normal(jax.random.key(2), conv(x, w, strides, groups).shape)
+
+    def loss(f):
+        return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w)) * probe), (0, 1))(x, w)
+
+    got = loss(lambda x, w: sliced_conv(x, w, groups, strides))
+    want = loss(lambda x, w: conv(x, w, strides, groups))
+    assert max_rel_err(got, want) <= 1e-5
+
+
+def test_auto_form_is_sliced_on_cpu_and_grouped_on_accelerators():
+    assert resolve_form('auto', 'cpu') == 'sliced' and resolve_form('auto') == 'sliced'
+    assert resolve_form('auto', 'gpu') == resolve_form('auto', 'tpu') == 'grouped'
+    assert resolve_form('blockdiag', 'gpu') == 'blockdiag'
+    assert ResNeXt(stage_sizes=(1,), cardinality=2, bottleneck_width=4).form == 'auto'
 
 
 def test_paths_form_is_a_sum_of_separate_transformations():

@@ -1,0 +1,324 @@
+"""Training-step and inference speed of a network on this machine, beside PyTorch.
+
+    python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 16 --image-size 224
+    python -m resnext_jax.benchmark --model resnext29_8x64d --batch-size 32 --form all --torch
+    python -m resnext_jax.benchmark --layer --batch-size 16 --image-size 56 --width 128 --groups 32
+
+A training step is the whole jitted update of `resnext_jax.train.train_step`: forward,
+backward, SGD with momentum and weight decay, BN statistics; the state is donated, the batch
+sharded over every local device. Inference is the jitted eval-mode forward pass. Each figure is
+the median over `--steps` timed calls after `--warmup` untimed ones (the first call, which
+compiles, is timed separately). Memory is the device's peak where it reports one (GPU, TPU),
+else what XLA plans for the compiled step (arguments + outputs + temporaries). `--torch` times
+the same network built from torchvision's `ResNet` (groups, width_per_group) in the same
+process, channels_last, with `torch.optim.SGD`; torch and torchvision are an optional extra.
+`--layer` times one 3×3 grouped convolution in every form instead of a network.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnext_jax import parallel
+from resnext_jax.aggregated import FORMS, block_diagonal, conv, resolve_form, sliced_conv
+from resnext_jax.models import create_model, model_spec
+from resnext_jax.summary import macs_by_scope
+
+# Dense bf16 peak of accelerators we know, for model FLOP utilisation (FLOP/s, 2 per MAC).
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12,
+                   'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12}
+
+
+@dataclasses.dataclass
+class Row:
+    framework: str
+    form: str
+    train_images_per_sec: float | None = None
+    infer_images_per_sec: float | None = None
+    compile_sec: float | None = None
+    memory_mb: float | None = None
+    mfu: float | None = None
+
+
+def _median_time(fn, steps, warmup):
+    """(seconds of the first call, median seconds of `steps` calls after `warmup` more)."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times)
+
+
+def _peak_flops():
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in sorted(PEAK_BF16_FLOPS.items(), key=lambda kv: -len(kv[0]))
+                 if k.lower() in kind.lower()), None)
+
+
+def _memory_mb(compiled):
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        return stats['peak_bytes_in_use'] / 2**20
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes) / 2**20
+
+
+def bench_jax(name, batch_size, image_size, form, mode, dtype, steps, warmup):
+    from resnext_jax import train  # noqa: PLC0415 (train pulls in TensorFlow)
+    model = create_model(name, form=form, dtype=dtype)
+    row = Row('jax', form if form != 'auto' else f'auto={resolve_form(form)}')
+    mesh = parallel.make_mesh()
+    if batch_size % mesh.size:
+        raise ValueError(f'--batch-size {batch_size} is not divisible by the {mesh.size} '
+                         'devices; use a multiple')
+    rng = np.random.default_rng(0)
+    images = jax.device_put(
+        rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+        parallel.batch_sharding(mesh))
+    labels = jax.device_put(rng.integers(0, model.num_classes, batch_size).astype(np.int32),
+                            parallel.batch_sharding(mesh))
+    variables = jax.jit(model.init, out_shardings=parallel.replicated(mesh))(
+        jax.random.key(0), images[:1])
+    peak = _peak_flops()
+    macs = peak and sum(macs_by_scope(create_model(name, form='grouped').apply, variables,
+                                      images[:1]).values())
+    if mode in ('infer', 'both'):
+        infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        _, dt = _median_time(lambda: jax.block_until_ready(infer(variables, images)),
+                             steps, warmup)
+        row.infer_images_per_sec = batch_size / dt
+    if mode in ('train', 'both'):
+        config = ml_collections.ConfigDict(dict(weight_decay=1e-4, decay_bn_and_bias=True,
+                                                momentum=0.9, nesterov=False))
+        tx = train.create_optimizer(config, 0.1)
+        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                                 batch_stats=variables['batch_stats'],
+                                 opt_state=tx.init(variables['params']))
+        step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx),
+                       donate_argnums=0)
+        batch = {'image': images, 'label': labels}
+        t = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        row.compile_sec = time.perf_counter() - t
+        row.memory_mb = _memory_mb(compiled)
+
+        def run():
+            nonlocal state
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+        _, dt = _median_time(run, steps, warmup)
+        row.train_images_per_sec = batch_size / dt
+        if peak:  # the model's FLOPs: 2 per multiply-add, backward twice the forward
+            row.mfu = 3 * 2 * macs * batch_size / dt / (peak * jax.device_count())
+    return row
+
+
+def import_torchvision():
+    """torchvision, also where its compiled ops do not match the installed torch (a CPU torch
+    beside a CUDA torchvision wheel): the model classes are pure Python and need none of them."""
+    import torch  # noqa: PLC0415 (optional extra)
+    try:
+        import torchvision  # noqa: PLC0415
+    except RuntimeError:  # "operator torchvision::nms does not exist"
+        import types  # noqa: PLC0415
+        for mod in [m for m in sys.modules if m.startswith('torchvision')]:
+            del sys.modules[mod]
+        sys.modules['torchvision._meta_registrations'] = types.ModuleType('skipped')
+        import torchvision  # noqa: PLC0415
+    return torch, torchvision
+
+
+def torch_model(name):
+    """The network of `name` from torchvision's ResNet class (CIFAR: 3×3 stem, 3 stages)."""
+    torch, torchvision = import_torchvision()
+    from torchvision.models.resnet import Bottleneck, ResNet  # noqa: PLC0415
+    spec = model_spec(name)
+    layers = list(spec['stage_sizes'])
+    cifar = spec['stem'] == 'cifar'
+    model = ResNet(Bottleneck, layers + [1] * (4 - len(layers)), groups=spec['cardinality'],
+                   width_per_group=spec['bottleneck_width'], num_classes=spec['num_classes'])
+    if cifar:
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+        model.layer4 = torch.nn.Identity()
+        model.fc = torch.nn.Linear(1024, spec['num_classes'])
+    return model
+
+
+def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
+    import torch  # noqa: PLC0415
+    model = torch_model(name).to(memory_format=torch.channels_last)
+    row = Row('torch', f'torchvision {torch.__version__}')
+    x = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+    cast = torch.autocast('cpu', torch.bfloat16) if dtype == 'bfloat16' else _Null()
+    if mode in ('train', 'both'):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with cast:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        _, dt = _median_time(step, steps, warmup)
+        row.train_images_per_sec = batch_size / dt
+    if mode in ('infer', 'both'):
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), cast:
+                model(x)
+        _, dt = _median_time(infer, steps, warmup)
+        row.infer_images_per_sec = batch_size / dt
+    return row
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def bench_layer(batch_size, size, width, groups, steps, warmup):
+    """One 3×3, `width`→`width`, `groups`-group convolution: forward and forward+backward."""
+    forms = {
+        'grouped': lambda x, w: conv(x, w, 1, groups),
+        'blockdiag': lambda x, w: conv(x, block_diagonal(w, groups)),
+        'sliced': lambda x, w: sliced_conv(x, w, groups),
+        'concat': lambda x, w: jnp.concatenate([conv(a, b) for a, b in zip(
+            jnp.split(x, groups, -1), jnp.split(w, groups, -1))], -1),
+    }
+    x = jax.random.normal(jax.random.key(0), (batch_size, size, size, width))
+    w = jax.random.normal(jax.random.key(1), (3, 3, width // groups, width))
+    rows = []
+    for form, f in forms.items():
+        fwd = jax.jit(f)
+        both = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1)))
+        _, t_fwd = _median_time(lambda: jax.block_until_ready(fwd(x, w)), steps, warmup)
+        _, t_both = _median_time(lambda: jax.block_until_ready(both(x, w)), steps, warmup)
+        rows.append(dict(form=form, forward_sec=t_fwd, forward_backward_sec=t_both))
+    return rows
+
+
+def environment():
+    return dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+                device_count=jax.device_count(), cpu_count=os.cpu_count(),
+                jax=jax.__version__, python=platform.python_version())
+
+
+def _fmt(v, spec):
+    return '—' if v is None else format(v, spec)
+
+
+def format_rows(rows, torch_row=None):
+    head = (f"{'framework':9} {'form':24} {'train img/s':>11} {'infer img/s':>11} "
+            f"{'compile s':>9} {'memory MB':>9} {'MFU':>6}")
+    if torch_row:
+        head += f" {'train ×torch':>12} {'infer ×torch':>12}"
+    lines = [head]
+    for r in rows:
+        line = (f'{r.framework:9} {r.form:24} {_fmt(r.train_images_per_sec, "11.2f")} '
+                f'{_fmt(r.infer_images_per_sec, "11.2f")} {_fmt(r.compile_sec, "9.1f")} '
+                f'{_fmt(r.memory_mb, "9.0f")} {_fmt(r.mfu and 100 * r.mfu, "5.1f%")}')
+        if torch_row and r is not torch_row:
+            ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+            line += (f' {_fmt(ratio(r.train_images_per_sec, torch_row.train_images_per_sec), "12.2f")}'
+                     f' {_fmt(ratio(r.infer_images_per_sec, torch_row.infer_images_per_sec), "12.2f")}')
+        lines.append(line)
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='resnext50_32x4d')
+    p.add_argument('--batch-size', type=int, default=16)
+    p.add_argument('--image-size', type=int, default=None, help='default: 224, CIFAR nets 32')
+    p.add_argument('--mode', choices=('train', 'infer', 'both'), default='both')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    p.add_argument('--form', default='auto',
+                   help=f'one of {", ".join(FORMS)}, a comma-separated list, or "all"')
+    p.add_argument('--torch', action='store_true', help='also time torchvision (optional extra)')
+    p.add_argument('--steps', type=int, default=5, help='timed calls (median reported)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed calls after the first')
+    p.add_argument('--layer', action='store_true', help='time one grouped 3×3 conv per form')
+    p.add_argument('--width', type=int, default=128, help='--layer: channels')
+    p.add_argument('--groups', type=int, default=32, help='--layer: groups')
+    p.add_argument('--json', action='store_true')
+    args = p.parse_args(argv)
+
+    try:
+        spec = model_spec(args.model)
+        forms = ([f for f in FORMS if f != 'auto'] if args.form == 'all'
+                 else args.form.split(','))
+        for f in forms:
+            if f not in FORMS:
+                raise ValueError(f'unknown form {f!r}; use one of {", ".join(FORMS)} or "all"')
+        if args.torch:
+            try:
+                import_torchvision()
+            except ImportError:
+                raise ValueError("--torch needs torch and torchvision: pip install -e '.[torch]'"
+                                 ) from None
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    size = args.image_size or (32 if spec['stem'] == 'cifar' else 224)
+    env = environment()
+    if args.layer:
+        rows = bench_layer(args.batch_size, size, args.width, args.groups, args.steps,
+                           args.warmup)
+        if args.json:
+            print(json.dumps(dict(environment=env, layer=rows), indent=1))
+        else:
+            print(f'3×3 conv {args.width}→{args.width}, {args.groups} groups, '
+                  f'{args.batch_size}×{size}×{size}, {env["backend"]}')
+            for r in rows:
+                print(f"{r['form']:10} forward {r['forward_sec']:.3f} s   forward+backward "
+                      f"{r['forward_backward_sec']:.3f} s")
+        return
+    rows = []
+    for f in forms:
+        rows.append(bench_jax(args.model, args.batch_size, size, f, args.mode, args.dtype,
+                              args.steps, args.warmup))
+        if not args.json:
+            print(format_rows(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+    torch_row = None
+    if args.torch:
+        torch_row = bench_torch(args.model, args.batch_size, size, args.mode, args.dtype,
+                                args.steps, args.warmup)
+        rows.append(torch_row)
+    if args.json:
+        print(json.dumps(dict(environment=env, model=args.model, batch_size=args.batch_size,
+                              image_size=size, dtype=args.dtype,
+                              rows=[dataclasses.asdict(r) for r in rows]), indent=1))
+    else:
+        print(f'{args.model}, batch {args.batch_size}, {size}×{size}, {args.dtype}, '
+              f'{env["backend"]} ({env["device"]}, {env["device_count"]} device(s), '
+              f'{env["cpu_count"]} CPU cores), jax {env["jax"]}')
+        print(format_rows(rows, torch_row))
+
+
+if __name__ == '__main__':
+    main()
