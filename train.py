@@ -1,7 +1,7 @@
 """Train and evaluate a ResNeXt: python train.py --config=configs/NAME.py --workdir=DIR.
 
     python train.py --workdir=/tmp/quickstart                  # configs/quickstart.py, offline
-    python train.py --config=configs/cifar10_resnext29_8x64d.py --workdir=runs/c10 \\
+    python train.py --config=configs/paper.py:table7_cifar10_resnext29_8x64d --workdir=runs/c10 \\
         --config.batch_size=256 --config.dtype=bfloat16
     python train.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
 

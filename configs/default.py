@@ -9,14 +9,16 @@ from ml_collections import config_dict
 
 def get_config():
     c = ml_collections.ConfigDict()
+    c.name = ''                    # recipe id, e.g. a paper row (resnext_jax.tables)
 
     # Model: a registered name (resnext_jax.list_models()) or resnext<depth>_<C>x<d>d.
     c.model = 'resnext50_32x4d'
     c.model_options = {}           # other ResNeXt fields, e.g. {'stage_sizes': (1, 1, 1, 1)}
-    c.form = 'grouped'             # how the aggregated transformation runs (resnext_jax.FORMS)
+    c.form = 'auto'                # how the aggregated transformation runs (resnext_jax.FORMS)
     c.dtype = 'float32'            # compute dtype; 'bfloat16' keeps float32 parameters
     c.zero_init_last_bn = False
     c.bn_group_size = 0            # 0: BN statistics over the global batch; N: per N images
+    c.init_from = ''               # weights to start from: a convert.py checkpoint or a workdir
 
     # Data (resnext_jax.data): 'digits', a TFDS name, or 'folder:/path/to/root'.
     c.dataset = 'imagenet2012'
@@ -25,8 +27,11 @@ def get_config():
     c.data_dir = config_dict.placeholder(str)    # TFDS data_dir; None: TFDS's default
     c.in_memory = config_dict.placeholder(bool)  # None: decided by dataset size
     c.image_size = 224
+    c.eval_image_size = config_dict.placeholder(int)  # test crop; None: image_size
     c.eval_resize = 256            # shorter side before the centre crop ('imagenet' augment)
     c.augment = 'imagenet'         # 'imagenet', 'cifar' or 'none'
+    c.color_jitter = 0.0           # brightness/contrast/saturation ± this, random order
+    c.pca_lighting = 0.0           # std of the PCA lighting noise (official code: 0.1)
     c.shuffle_buffer = 16_384
     c.seed = 0
 
@@ -54,4 +59,6 @@ def get_config():
     c.eval_every_epochs = 1.0
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    c.async_checkpoints = True     # save in a background thread while training goes on
+    c.eval_only = False            # evaluate the restored (or initial) state once; no training
     return c

@@ -86,9 +86,6 @@ def bench_jax(name, batch_size, image_size, form, mode, dtype, steps, warmup):
     model = create_model(name, form=form, dtype=dtype)
     row = Row('jax', form if form != 'auto' else f'auto={resolve_form(form)}')
     mesh = parallel.make_mesh()
-    if batch_size % mesh.size:
-        raise ValueError(f'--batch-size {batch_size} is not divisible by the {mesh.size} '
-                         'devices; use a multiple')
     rng = np.random.default_rng(0)
     images = jax.device_put(
         rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
@@ -276,6 +273,9 @@ def main(argv=None):
         for f in forms:
             if f not in FORMS:
                 raise ValueError(f'unknown form {f!r}; use one of {", ".join(FORMS)} or "all"')
+        if not args.layer and args.batch_size % jax.device_count():
+            raise ValueError(f'--batch-size {args.batch_size} is not divisible by the '
+                             f'{jax.device_count()} devices; use a multiple')
         if args.torch:
             try:
                 import_torchvision()

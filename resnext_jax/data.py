@@ -33,6 +33,9 @@ NORMALISATION = {  # 0..255 units; the ImageNet statistics for every other datas
     'mnist': ((33.3,) * 3, (78.6,) * 3),
     'digits': ((77.8,) * 3, (95.9,) * 3),  # measured on all 1797 images scaled to 0..255
 }
+# PCA of ImageNet RGB pixels (0..1 units), for the official code's lighting noise.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 MAX_IN_MEMORY = 200_000
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
@@ -248,9 +251,45 @@ def _centre_crop(image, size, resize):
     return tf.reshape(image[top:top + size, left:left + size], [size, size, 3])
 
 
+def _colour(image, seed, strength, lighting):
+    """The official code's colour noise: brightness, contrast and saturation jitter of ±strength
+    in random order, then PCA lighting with N(0, lighting) coefficients (0..255 pixels)."""
+    order_seed, *seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+    if strength:
+        def blend(image, other, s):
+            alpha = tf.random.stateless_uniform([], s, 1 - strength, 1 + strength)
+            return image * alpha + other * (1 - alpha)
+
+        def gray(image):
+            return tf.reduce_sum(image * [0.299, 0.587, 0.114], -1, keepdims=True)
+
+        ops = [lambda im: blend(im, tf.zeros_like(im), seeds[0]),            # brightness
+               lambda im: blend(im, tf.reduce_mean(gray(im)), seeds[1]),     # contrast
+               lambda im: blend(im, gray(im), seeds[2])]                     # saturation
+        orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+        k = tf.random.stateless_uniform([], order_seed, 0, 6, tf.int32)
+
+        def apply(order):
+            def run():
+                out = image
+                for i in order:
+                    out = ops[i](out)
+                return out
+            return run
+        image = tf.switch_case(k, [apply(o) for o in orders])
+    if lighting:
+        alpha = tf.random.stateless_normal([3], seeds[3], stddev=lighting)
+        rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+        image = image + 255.0 * rgb
+    return image
+
+
 def _preprocess_fn(config, train, encoding):
     """Returns f(data, seed) -> normalised float32 (S, S, 3); seed is a stateless [2] seed."""
     size, augment = config.image_size, config.get('augment', 'none')
+    if not train:
+        size = config.get('eval_image_size', None) or size
+    jitter, lighting = config.get('color_jitter', 0.0), config.get('pca_lighting', 0.0)
     if augment not in AUGMENTS:
         raise ValueError(f"augment '{augment}' is not one of {AUGMENTS}: fix --config.augment")
     pad = config.get('crop_padding', size // 8)
@@ -260,7 +299,8 @@ def _preprocess_fn(config, train, encoding):
     std = tf.constant(config.get('std', None) or std, tf.float32)
 
     def preprocess(data, seed):
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        crop_seed, flip_seed, colour_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 3))
         if augment == 'imagenet' and train:
             image = tf.image.resize(_inception_crop(data, encoding, crop_seed), [size, size])
         elif augment == 'imagenet':
@@ -271,6 +311,8 @@ def _preprocess_fn(config, train, encoding):
         if augment == 'cifar' and train:  # zero padding, as in fb.resnet.torch
             image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
             image = tf.image.stateless_random_crop(image, [size, size, 3], crop_seed)
+        if train and (jitter or lighting):
+            image = _colour(image, colour_seed, jitter, lighting)
         if augment != 'none' and train:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return (tf.reshape(image, [size, size, 3]) - mean) / std
@@ -353,7 +395,7 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
         ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
     ds = ds.map(lambda x, y: {'image': preprocess(x, no_seed), 'label': tf.cast(y, tf.int32),
                               'mask': tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
-    size = config.image_size
+    size = config.get('eval_image_size', None) or config.image_size
     padding = {'image': tf.zeros([size, size, 3]), 'label': tf.constant(0),
                'mask': tf.constant(0.0)}
     num_batches = num_eval_batches(source.num_eval, batch_size, process_count)

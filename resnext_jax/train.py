@@ -165,7 +165,9 @@ def train_and_evaluate(config, workdir, source=None):
     shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp)
     checkpoints = ocp.CheckpointManager(
         workdir / 'checkpoints',
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_checkpoints, create=True,
+            enable_async_checkpointing=config.get('async_checkpoints', True)))
     meta = {'global_batch_size': config.batch_size, 'model': config.model,
             'num_classes': info.num_classes, 'image_size': config.image_size}
     if checkpoints.latest_step() is not None:
@@ -173,6 +175,8 @@ def train_and_evaluate(config, workdir, source=None):
         logging.info('resumed from %s at step %d', checkpoints.directory, start)
     else:
         state, start = jax.jit(init, out_shardings=shardings)(rng), 0
+        if config.get('init_from'):
+            state = init_from_checkpoint(state, config.init_from)
     params_count = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))
     logging.info('%s: %s parameters, %d devices in %d processes, %d steps of %d images',
                  config.model, f'{params_count:,}', jax.device_count(), process_count,
@@ -186,10 +190,13 @@ def train_and_evaluate(config, workdir, source=None):
     p_eval = jax.jit(functools.partial(eval_step, model=model),
                      in_shardings=(shardings, batch_sh), out_shardings=repl)
     writer = MetricsWriter(workdir, enabled=process_index == 0, resume_step=start)
+    if process_index == 0:
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
 
     def run_eval(step):
         result = evaluate(p_eval, state, config, local_batch, mesh, source)
-        writer.write(step, 'eval', **result, epoch=step / steps_per_epoch)
+        writer.write(step, 'eval', **result, epoch=step / steps_per_epoch,
+                     num_steps=num_steps)
         logging.info('eval at step %d: loss %.4f, top-1 %.2f%%, top-5 %.2f%% (%d examples)',
                      step, result['loss'], 100 * result['top1'], 100 * result['top5'],
                      result['num_examples'])
@@ -200,8 +207,9 @@ def train_and_evaluate(config, workdir, source=None):
                                  process_index=process_index, process_count=process_count,
                                  source=source)
     pending, t0, t_start, result = [], time.perf_counter(), time.perf_counter(), None
+    last = start if config.get('eval_only') else num_steps
     try:
-        for step in range(start + 1, num_steps + 1):
+        for step in range(start + 1, last + 1):
             state, step_metrics = p_train(state, parallel.global_batch(next(batches), mesh))
             pending.append(step_metrics)
             if step % config.log_every_steps == 0 or step == num_steps:
@@ -224,7 +232,7 @@ def train_and_evaluate(config, workdir, source=None):
                 checkpoints.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
                     meta=ocp.args.JsonSave({**meta, 'step': step})))
-        if result is None:  # nothing left to train: report the restored state
+        if result is None:  # eval_only or nothing left to train: report the restored state
             result = run_eval(start)
     finally:  # an interrupted run still completes the saves it started
         checkpoints.wait_until_finished()
@@ -260,6 +268,43 @@ def restore(checkpoints, abstract, shardings, meta):
                 f'or the same setting')
     return checkpoints.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))['state']
+
+
+def init_from_checkpoint(state, directory):
+    """`state` with the params and BN statistics of the newest checkpoint in `directory` (from
+    `python -m resnext_jax.convert`, or a training workdir), placed like `state`; step and
+    optimizer state stay fresh. A head for another number of classes keeps its fresh
+    initialisation; every other variable must match in name and shape."""
+    if not epath.Path(directory).is_dir():
+        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory')
+    saved, meta = load_checkpoint(directory)
+    saved = {'params': dict(saved['params']), 'batch_stats': saved.get('batch_stats', {})}
+    fresh = {'params': state.params, 'batch_stats': state.batch_stats}
+    head = state.params.get('head')
+    if head is not None and _shapes(saved['params'].get('head')) != _shapes(head):
+        logging.info('init_from %s: it has %s classes, this run %d; the head starts fresh',
+                     directory, meta.get('num_classes'), head['kernel'].shape[-1])
+        saved['params']['head'] = head
+    got, want = _shapes(saved), _shapes(fresh)
+    if got != want:
+        key = next(k for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k))
+        raise ValueError(f'init_from {directory} ({meta.get("model")}) does not fit the model: '
+                         f'{key} has shape {got.get(key)} there and {want.get(key)} here')
+
+    def place(x, like):  # host arrays → `like`'s sharding; the fresh head is already placed
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x, like.dtype)
+        return jax.make_array_from_callback(like.shape, like.sharding, lambda index: x[index])
+
+    placed = jax.tree_util.tree_map(place, saved, fresh)
+    logging.info('initialised from %s (%s)', directory, meta.get('model'))
+    return state.replace(params=placed['params'], batch_stats=placed['batch_stats'])
+
+
+def _shapes(tree):
+    return {jax.tree_util.keystr(path): np.shape(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_checkpoint(workdir, step=None):

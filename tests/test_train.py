@@ -56,7 +56,10 @@ def assert_trees_close(a, b, rtol=0.0, atol=0.0):
 def test_end_to_end_on_mock_tfds_over_8_devices(tmp_path):
     assert jax.device_count() == 8
     config = tiny_config(dataset='cifar10', in_memory=False, image_size=16, batch_size=16,
-                         num_train_steps=4, checkpoint_every_steps=3, eval_every_epochs=0.5)
+                         num_train_steps=4, checkpoint_every_steps=3, eval_every_epochs=0.5,
+                         # mock_data redirects every file access to its own temporary
+                         # directory while it fakes a read, a background save's writes too.
+                         async_checkpoints=False)
     with tfds.testing.mock_data(num_examples=40):    # 40 train, 40 test: 2 steps per epoch
         result = train.train_and_evaluate(config, tmp_path)
     assert result['num_examples'] == 40 and 0 <= result['top1'] <= result['top5'] <= 1

@@ -1,0 +1,342 @@
+"""Pretrained weights in and out: torchvision / timm ResNet and ResNeXt state dicts ↔ Flax.
+
+torchvision's `ResNet` and timm's `resnet.py` use the same state-dict keys; they map onto our
+variables like this (`torch_name` is that one mapping, used in both directions):
+
+    conv1 / bn1                      stem/conv / stem/bn
+    layer{s}.{b}.conv{k} / .bn{k}    stage{s}/block{b+1}/aggregated/conv{k} / bn{k}
+    layer{s}.{b}.downsample.0 / .1   stage{s}/block{b+1}/proj_conv / proj_bn
+    fc                               head
+    conv .weight  (O, I/C, kh, kw)   .../kernel  (kh, kw, I/C, O)   HWIO; grouped conv2 too
+    fc .weight    (classes, in)      head/kernel (in, classes)
+    bn .weight / .bias               params .../scale / .../bias
+    bn .running_mean / _var          batch_stats .../mean / .../var
+    bn .num_batches_tracked          dropped on the way in, written as int64 zeros on the way out
+
+The expected keys and shapes come from the abstract variable tree of the model
+(`jax.eval_shape(model.init, ...)`), so every network and any C×d converts; a state dict that
+does not fit raises a one-line ValueError naming the key and both shapes.
+
+    python -m resnext_jax.convert --model resnext50_32x4d resnext50_32x4d.pth ckpt/
+    python -m resnext_jax.convert ckpt/ resnext50_32x4d.safetensors
+
+A file (.pth/.pt via `torch.load(weights_only=True)`, .safetensors, .npz) becomes an orbax
+checkpoint directory laid out like a training workdir (`ckpt/checkpoints/0`, read by
+`resnext_jax.train.load_checkpoint` and `--config.init_from`); a checkpoint directory or a
+training workdir becomes a file that torchvision's `ResNet.load_state_dict(strict=True)` takes.
+"""
+import argparse
+import functools
+import importlib
+import json
+import os
+import pickle
+import re
+import sys
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from resnext_jax.models import create_model
+
+STATE_DICT_FILES = ('.pth', '.pt', '.safetensors', '.npz')
+_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+           'var': 'running_var'}
+_MODULES = {'stem/conv': 'conv1', 'stem/bn': 'bn1', 'head': 'fc', 'proj_conv': 'downsample.0',
+            'proj_bn': 'downsample.1'}
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}   # HWIO → OIHW, (in, out) → (out, in)
+
+
+# ------------------------------------------------------------------------------ the mapping
+
+def torch_name(path):
+    """The torch key of a Flax variable path, e.g. 'stage2/block1/aggregated/conv2/kernel' →
+    'layer2.0.conv2.weight' (params and batch_stats alike)."""
+    module, leaf = path.rsplit('/', 1)
+    block = re.fullmatch(r'stage(\d+)/block(\d+)/(?:aggregated/)?(\w+)', module)
+    if block:
+        stage, index, name = block.groups()
+        module = f'layer{stage}.{int(index) - 1}.{_MODULES.get(name, name)}'
+    else:
+        module = _MODULES.get(module)
+    if module is None or leaf not in _LEAVES:
+        raise ValueError(f'no torchvision name for the Flax variable {path!r}')
+    return f'{module}.{_LEAVES[leaf]}'
+
+
+def to_torch_layout(x):
+    return np.transpose(x, _TO_TORCH[np.ndim(x)])
+
+
+def to_flax_layout(x):
+    return np.transpose(x, np.argsort(_TO_TORCH[np.ndim(x)]))
+
+
+def variable_table(variables):
+    """{torch key: (collection, Flax path)} for the params and batch_stats of `variables`
+    (arrays or an abstract tree)."""
+    table = {}
+    for collection in ('params', 'batch_stats'):
+        flat = flax.traverse_util.flatten_dict(dict(variables.get(collection, {})), sep='/')
+        for path in flat:
+            table[torch_name(path)] = (collection, path)
+    return table
+
+
+def abstract_variables(model):
+    """The model's variables as shapes and dtypes, without computing anything."""
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+
+
+def _leaf(variables, collection, path):
+    return functools.reduce(lambda tree, key: tree[key], path.split('/'),
+                            variables[collection])
+
+
+def torch_shapes(variables):
+    """{torch key: torch-layout shape} of `variables` (arrays or an abstract tree)."""
+    def torch_shape(shape):
+        return tuple(shape[i] for i in _TO_TORCH[len(shape)])
+    return {key: torch_shape(_leaf(variables, *where).shape)
+            for key, where in variable_table(variables).items()}
+
+
+def check_shapes(got, expected):
+    """Raises one line naming the first key whose shape differs or that is missing / unexpected
+    (and how many more there are) when {key: shape} `got` does not fit `expected`."""
+    problems = []
+    for key, shape in expected.items():
+        if key not in got:
+            problems.append(f'missing key {key!r} (the model expects shape {shape})')
+        elif tuple(got[key]) != tuple(shape):
+            problems.append(f'key {key!r} has shape {tuple(got[key])} in the weights but the '
+                            f'model expects {tuple(shape)}')
+    problems += [f'unexpected key {key!r} with shape {tuple(shape)} (not a parameter of the '
+                 'model)' for key, shape in got.items() if key not in expected]
+    if problems:
+        more = f'; {len(problems) - 1} more mismatched key(s)' if len(problems) > 1 else ''
+        raise ValueError(problems[0] + more)
+
+
+# ------------------------------------------------------------------------------ both directions
+
+def _numpy(value):
+    """A numpy array from a numpy array or a torch tensor (bfloat16 becomes float32)."""
+    if hasattr(value, 'detach'):
+        value = value.detach().cpu()
+        if str(value.dtype) == 'torch.bfloat16':
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def torch_to_flax(state_dict, model):
+    """Flax variables {'params', 'batch_stats'} of `model` from a torchvision/timm state dict
+    (name → numpy array or torch tensor)."""
+    abstract = abstract_variables(model)
+    arrays = {key: _numpy(value) for key, value in state_dict.items()
+              if not key.endswith('.num_batches_tracked')}
+    check_shapes({key: a.shape for key, a in arrays.items()}, torch_shapes(abstract))
+    flat = {}
+    for key, (collection, path) in variable_table(abstract).items():
+        dtype = _leaf(abstract, collection, path).dtype
+        flat[(collection, *path.split('/'))] = np.ascontiguousarray(
+            to_flax_layout(arrays[key]), dtype)
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(variables, model=None):
+    """A torchvision state dict (name → contiguous numpy array) of Flax `variables`, checked
+    against `model` when given. `ResNet.load_state_dict({k: torch.from_numpy(v) ...},
+    strict=True)` takes it: every BN also gets `num_batches_tracked` = 0 (int64)."""
+    if model is not None:
+        check_shapes(torch_shapes(variables), torch_shapes(abstract_variables(model)))
+    state_dict = {}
+    for key, (collection, path) in variable_table(variables).items():
+        state_dict[key] = np.ascontiguousarray(
+            to_torch_layout(np.asarray(_leaf(variables, collection, path))))
+        if key.endswith('.running_var'):
+            state_dict[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
+    return state_dict
+
+
+# ------------------------------------------------------------------------------ files
+
+def weights_suffix(path):
+    """The weights file type of `path` ('.pth', '.pt', '.safetensors' or '.npz')."""
+    suffix = os.path.splitext(path)[1]
+    if suffix not in STATE_DICT_FILES:
+        raise ValueError(f'{path}: unknown weights file type {suffix!r}; use one of '
+                         f'{", ".join(STATE_DICT_FILES)}')
+    return suffix
+
+
+def read_state_dict(path):
+    """name → numpy array from .pth/.pt (plain tensors only: `weights_only=True`; a bare state
+    dict or one under 'state_dict' / 'model'), .safetensors or .npz; a DataParallel 'module.'
+    prefix is removed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    suffix = weights_suffix(path)
+    if suffix == '.safetensors':
+        load = _optional('safetensors.numpy', suffix).load_file
+    elif suffix == '.npz':
+        def load(path):
+            with np.load(path, allow_pickle=False) as f:
+                return dict(f)
+    else:
+        torch = _optional('torch', suffix)
+        load = functools.partial(torch.load, map_location='cpu', weights_only=True)
+    try:
+        obj = load(path)
+    except pickle.UnpicklingError:
+        raise ValueError(f'{path} is not a plain torch state dict (torch.load(weights_only=True) '
+                         'refused it: a whole pickled model, or not a torch file)') from None
+    except Exception as e:  # noqa: BLE001 (each reader has its own errors for a broken file)
+        raise ValueError(f'{path} is not a readable {suffix} file: {e}') from None
+    for key in ('state_dict', 'model'):  # training checkpoints nest the weights
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
+    state_dict = {key: _numpy(value) for key, value in obj.items()}
+    if state_dict and all(key.startswith('module.') for key in state_dict):
+        state_dict = {key[len('module.'):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def write_state_dict(state_dict, path):
+    """Writes name → numpy array as .pth/.pt (torch tensors), .safetensors or .npz."""
+    suffix = weights_suffix(path)
+    if suffix == '.safetensors':
+        _optional('safetensors.numpy', suffix).save_file(state_dict, path)
+    elif suffix == '.npz':
+        np.savez(path, **state_dict)
+    else:
+        torch = _optional('torch', suffix)
+        torch.save({key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()},
+                   path)
+
+
+def _optional(module, suffix):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f'{suffix} files need the {module.split(".")[0]} package: '
+                         'pip install "resnext_jax[torch]"') from None
+
+
+def save_checkpoint(directory, variables, meta):
+    """Writes `variables` as step 0 of `directory`/checkpoints in the layout of a training
+    workdir (Composite 'state' with params and batch_stats, 'meta' JSON), so that
+    `train.load_checkpoint(directory)` and `--config.init_from=directory` read it."""
+    state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    options = ocp.CheckpointManagerOptions(create=True)
+    with ocp.CheckpointManager(epath.Path(directory) / 'checkpoints', options=options) as manager:
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave({**meta, 'step': 0})))
+        manager.wait_until_finished()
+
+
+def _model_options(options):
+    """ResNeXt fields from JSON (lists become tuples, as in `config.model_options`)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
+
+
+def load_model(directory, name=None, options=None):
+    """(model, variables, meta) of the newest checkpoint in a directory from `import_weights`
+    or a training workdir. The model name and options default to those the checkpoint records
+    (its meta, else the workdir's config.json); the classes are the head's."""
+    from resnext_jax.train import load_checkpoint  # noqa: PLC0415 (it brings TensorFlow)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'{directory} is not a checkpoint directory')
+    state, meta = load_checkpoint(directory)
+    config_file = os.path.join(directory, 'config.json')
+    config = {}
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+    name = name or meta.get('model') or config.get('model')
+    if not name:
+        raise ValueError(f'{directory} does not record its model; pass --model')
+    if options is None:
+        options = meta.get('model_options', config.get('model_options'))
+    options = _model_options(options)
+    variables = {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+    head = variables['params'].get('head')
+    model = create_model(name, num_classes=head['kernel'].shape[-1] if head else 0, **options)
+    try:
+        check_shapes(torch_shapes(variables), torch_shapes(abstract_variables(model)))
+    except ValueError as e:
+        model_text = f'{name} {options}' if options else name
+        raise ValueError(f'{directory} does not hold model {model_text}: {e}') from None
+    return model, variables, meta
+
+
+# ------------------------------------------------------------------------------ command line
+
+def import_weights(src, dst, name, num_classes=None, options=None):
+    """A torchvision/timm weights file → an orbax checkpoint directory for model `name`."""
+    if os.path.splitext(dst)[1] in STATE_DICT_FILES:
+        raise ValueError(f'{dst}: a weights file is read into a checkpoint directory, not '
+                         'another weights file')
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f'{dst} exists and is not an empty directory; choose a new one')
+    state_dict = read_state_dict(src)
+    if num_classes is None and 'fc.weight' in state_dict:
+        num_classes = int(np.shape(state_dict['fc.weight'])[0])
+    options = _model_options(options)
+    model = create_model(name, num_classes=num_classes, **options)
+    try:
+        variables = torch_to_flax(state_dict, model)
+    except ValueError as e:
+        raise ValueError(f'{src} does not fit --model {name}: {e}') from None
+    save_checkpoint(dst, variables, {
+        'model': name, 'model_options': options, 'num_classes': model.num_classes,
+        'image_size': 224 if model.stem == 'imagenet' else 32, 'source': os.path.basename(src)})
+
+
+def export_weights(src, dst, name=None, options=None):
+    """An orbax checkpoint directory or training workdir → a torchvision weights file."""
+    weights_suffix(dst)   # before the slow part
+    _, variables, _ = load_model(src, name, options)
+    write_state_dict(flax_to_torch(variables), dst)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m resnext_jax.convert', description=__doc__.split('\n\n')[0],
+        epilog='SRC a weights file (.pth/.pt/.safetensors/.npz) → DST a checkpoint directory; '
+               'SRC a checkpoint directory or training workdir → DST a weights file.')
+    parser.add_argument('src', metavar='SRC')
+    parser.add_argument('dst', metavar='DST')
+    parser.add_argument('--model', help='network name, e.g. resnext50_32x4d (needed for a '
+                        "weights file; a checkpoint's own by default)")
+    parser.add_argument('--num-classes', type=int,
+                        help="classes of the head (default: the weights' fc.weight rows)")
+    parser.add_argument('--model-options', type=json.loads, metavar='JSON',
+                        help='other ResNeXt fields, e.g. \'{"stage_sizes": [1, 1, 1, 1]}\'')
+    args = parser.parse_args(argv)
+    try:
+        if os.path.isdir(args.src):
+            export_weights(args.src, args.dst, args.model, args.model_options)
+        elif not os.path.exists(args.src):
+            raise FileNotFoundError(f'{args.src} does not exist')
+        else:
+            if not args.model:
+                raise ValueError(f'pass --model NAME: which network {args.src} holds')
+            import_weights(args.src, args.dst, args.model, args.num_classes, args.model_options)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f'error: {e}'.splitlines()[0], file=sys.stderr)
+        return 1
+    print(f'wrote {args.dst}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The benchmark tool runs and reports sane figures; the fast CPU paths compute the same math."""
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from resnext_jax import benchmark, create_model
+from resnext_jax.models import max_pool_3x3_s2
+from resnext_jax.summary import count_params
+
+
+def test_benchmark_json_on_a_small_network(capsys):
+    benchmark.main(['--model', 'resnext29_2x4d', '--batch-size', '8', '--image-size', '8',
+                    '--form', 'auto,grouped', '--steps', '1', '--warmup', '0', '--json'])
+    report = json.loads(capsys.readouterr().out)
+    assert report['environment']['backend'] == 'cpu' and report['batch_size'] == 8
+    forms = [r['form'] for r in report['rows']]
+    assert forms == ['auto=sliced', 'grouped']
+    for r in report['rows']:
+        assert r['train_images_per_sec'] > 0 and r['infer_images_per_sec'] > 0
+        assert r['compile_sec'] > 0 and r['memory_mb'] > 0
+
+
+def test_benchmark_layer_and_errors(capsys):
+    benchmark.main(['--layer', '--batch-size', '2', '--image-size', '8', '--width', '16',
+                    '--groups', '4', '--steps', '1', '--warmup', '0'])
+    out = capsys.readouterr().out
+    for form in ('grouped', 'blockdiag', 'sliced', 'concat'):
+        assert form in out
+    with pytest.raises(SystemExit, match="error: unknown form 'fast'"):
+        benchmark.main(['--form', 'fast'])
+    with pytest.raises(SystemExit, match='not divisible by the 8 devices'):
+        benchmark.main(['--model', 'resnext29_2x4d', '--batch-size', '4', '--image-size', '8',
+                        '--mode', 'infer'])
+
+
+@pytest.mark.parametrize('name', ['resnext50_32x4d', 'resnext29_8x64d'])
+def test_torch_reference_is_the_same_network(name):
+    """The --torch side (optional extra) has exactly our parameter count."""
+    try:
+        benchmark.import_torchvision()
+    except ImportError:
+        pytest.skip('torch and torchvision (optional extra) are not installed')
+    torch_net = benchmark.torch_model(name)
+    model = create_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+    assert sum(p.numel() for p in torch_net.parameters()) == count_params(shapes['params'])
+
+
+def test_slice_max_pool_equals_flax_max_pool():
+    for shape in [(2, 8, 8, 3), (2, 7, 9, 3)]:
+        x = jax.random.normal(jax.random.key(0), shape)
+        ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+        np.testing.assert_array_equal(max_pool_3x3_s2(x), ref(x))
+        probe = jax.random.normal(jax.random.key(1), ref(x).shape)
+        g = jax.grad(lambda x: (max_pool_3x3_s2(x) * probe).sum())(x)
+        g_ref = jax.grad(lambda x: (ref(x) * probe).sum())(x)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-6)

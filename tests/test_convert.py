@@ -1,0 +1,342 @@
+"""resnext_jax.convert, resnext_jax.predict and --config.init_from / eval_only.
+
+The torchvision networks in tests/fixtures (scripts/make_convert_fixtures.py) carry random
+weights and BN statistics and torchvision's logits, so all but two tests run without the
+optional extra: the .safetensors round trip, and the last test, which compares full-size
+networks with torchvision itself.
+"""
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import quickstart
+from resnext_jax import convert, create_model, data, parallel, predict, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = sorted(glob.glob(os.path.join(REPO, 'tests', 'fixtures', 'torchvision_*.npz')))
+FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'torchvision_resnext_4x4d.npz')
+
+
+def load_fixture(path, form='grouped'):
+    """(state dict, NHWC images, torchvision logits, our model, meta) of a fixture file."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = dict(f)
+    meta = json.loads(str(arrays.pop('meta')))
+    images, logits = arrays.pop('input').transpose(0, 2, 3, 1), arrays.pop('logits')
+    options = convert._model_options(meta['model_options'])
+    model = create_model(meta['model'], num_classes=meta['num_classes'], form=form, **options)
+    return arrays, images, logits, model, meta
+
+
+def tree_equal(a, b):
+    flat_a, tree_a = jax.tree_util.tree_flatten(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten(b)
+    return tree_a == tree_b and all(
+        x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(flat_a, flat_b))
+
+
+def random_variables(model, seed=0):
+    """Random arrays in the shapes of the model's variables (no initialisation to compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32),
+                                  convert.abstract_variables(model))
+
+
+# ------------------------------------------------------------------------------ the mapping
+
+@pytest.mark.parametrize('path', FIXTURES, ids=lambda p: os.path.basename(p)[12:-4])
+def test_torchvision_weights_give_torchvision_logits(path):
+    state_dict, images, expected, model, _ = load_fixture(path)
+    variables = convert.torch_to_flax(state_dict, model)
+    logits = np.asarray(jax.jit(model.apply)(variables, images))
+    assert np.abs(logits - expected).max() <= 1e-4
+    assert np.abs(expected).max() > 1  # logits large enough for the tolerance to mean something
+
+
+def test_names_follow_torchvision():
+    assert convert.torch_name('stem/conv/kernel') == 'conv1.weight'
+    assert convert.torch_name('stem/bn/mean') == 'bn1.running_mean'
+    assert convert.torch_name('stage2/block1/aggregated/conv2/kernel') == 'layer2.0.conv2.weight'
+    assert convert.torch_name('stage3/block4/aggregated/bn3/scale') == 'layer3.3.bn3.weight'
+    assert convert.torch_name('stage4/block1/proj_conv/kernel') == 'layer4.0.downsample.0.weight'
+    assert convert.torch_name('stage4/block1/proj_bn/var') == 'layer4.0.downsample.1.running_var'
+    assert convert.torch_name('head/bias') == 'fc.bias'
+    with pytest.raises(ValueError, match="no torchvision name for the Flax variable 'x/kernel'"):
+        convert.torch_name('x/kernel')
+
+
+def test_round_trips_are_exact():
+    assert len(FIXTURES) == 4
+    state_dict, _, _, model, _ = load_fixture(FIXTURE)
+    back = convert.flax_to_torch(convert.torch_to_flax(state_dict, model), model)
+    assert sorted(back) == sorted(state_dict)   # num_batches_tracked included
+    for key, value in state_dict.items():
+        assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+
+    # Any depth and C×d (narrowed here to stay quick): ResNeXt-101 3×20d.
+    model = create_model('resnext101_3x20d', num_classes=7, stem_width=16, base_features=64)
+    variables = random_variables(model)
+    state_dict = convert.flax_to_torch(variables, model)
+    assert state_dict['layer3.22.conv2.weight'].shape == (240, 80, 3, 3)
+    assert state_dict['layer3.22.bn2.num_batches_tracked'].dtype == np.int64
+    assert tree_equal(convert.torch_to_flax(state_dict, model), variables)
+
+
+def test_mismatches_are_one_line_naming_the_key_and_shapes():
+    state_dict, _, _, model, _ = load_fixture(FIXTURE)
+
+    def error(**changes):
+        broken = {k: v for k, v in {**state_dict, **changes}.items() if v is not None}
+        with pytest.raises(ValueError) as info:
+            convert.torch_to_flax(broken, model)
+        assert '\n' not in str(info.value)
+        return str(info.value)
+
+    message = error(**{'layer2.0.conv2.weight': np.zeros((32, 4, 3, 3))})
+    assert message == ("key 'layer2.0.conv2.weight' has shape (32, 4, 3, 3) in the weights but "
+                       'the model expects (32, 8, 3, 3)')
+    assert error(**{'fc.weight': None, 'fc.bias': None}) == (
+        "missing key 'fc.bias' (the model expects shape (10,)); 1 more mismatched key(s)")
+    assert error(**{'layer5.0.conv1.weight': np.zeros((4, 4))}) == (
+        "unexpected key 'layer5.0.conv1.weight' with shape (4, 4) (not a parameter of the model)")
+    with pytest.raises(ValueError, match=r"key 'fc.weight' has shape \(10, 256\) in the "
+                       r"weights but the model expects \(10, 2048\); \d+ more mismatched"):
+        convert.flax_to_torch(convert.torch_to_flax(state_dict, model),
+                              create_model('resnext50_4x4d', num_classes=10))
+
+
+# ------------------------------------------------------------------------------ command line
+
+SMALL = '{"stage_sizes": [1, 1, 1, 1], "stem_width": 8, "base_features": 32}'
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+    """(checkpoint written by the CLI, the fixture's state dict as a plain .npz, state dict,
+    model) for the 4x4d fixture."""
+    state_dict, _, _, model, meta = load_fixture(FIXTURE)
+    root = tmp_path_factory.mktemp('converted')
+    np.savez(root / 'weights.npz', **state_dict)
+    assert convert.main(['--model', meta['model'], '--model-options', SMALL,
+                         str(root / 'weights.npz'), str(root / 'ckpt')]) == 0
+    return root / 'ckpt', root / 'weights.npz', state_dict, model
+
+
+def test_cli_writes_a_checkpoint_that_reads_back_identically(converted, tmp_path):
+    ckpt, _, state_dict, model = converted
+    state, meta = train.load_checkpoint(ckpt)
+    assert sorted(os.listdir(ckpt / 'checkpoints')) == ['0']
+    assert tree_equal(state, convert.torch_to_flax(state_dict, model))
+    assert (meta['model'], meta['num_classes'], meta['image_size']) == ('resnext50_4x4d', 10, 224)
+
+    assert convert.main([str(ckpt), str(tmp_path / 'back.npz')]) == 0   # model from the meta
+    with np.load(tmp_path / 'back.npz') as back:
+        assert sorted(back.files) == sorted(state_dict)
+        for key, value in state_dict.items():
+            assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+
+
+def test_cli_safetensors_round_trip(converted, tmp_path):
+    pytest.importorskip('safetensors')
+    ckpt, _, state_dict, _ = converted
+    assert convert.main([str(ckpt), str(tmp_path / 'w.safetensors')]) == 0
+    back = convert.read_state_dict(str(tmp_path / 'w.safetensors'))
+    assert sorted(back) == sorted(state_dict)
+    assert all(np.array_equal(back[k], v) for k, v in state_dict.items())
+    assert convert.main(['--model', 'resnext50_4x4d', '--model-options', SMALL,
+                         str(tmp_path / 'w.safetensors'), str(tmp_path / 'again')]) == 0
+    assert tree_equal(train.load_checkpoint(tmp_path / 'again')[0], train.load_checkpoint(ckpt)[0])
+
+
+def test_cli_bad_input_is_one_error_line(converted, tmp_path, capsys):
+    ckpt, weights, _, _ = converted
+    (tmp_path / 'notes.txt').write_text('hello')
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'x').write_text('')
+    ckpt, weights, out = str(ckpt), str(weights), str(tmp_path / 'out')
+    cases = [
+        ([str(tmp_path / 'missing.pth'), out], 'missing.pth does not exist'),
+        ([str(tmp_path / 'notes.txt'), out, '--model', 'resnet50'],
+         "unknown weights file type '.txt'"),
+        ([weights, out, '--model', 'resnext50_8x2d', '--model-options', SMALL],
+         "weights.npz does not fit --model resnext50_8x2d: key 'layer1.0.conv2.weight' has "
+         'shape (16, 4, 3, 3) in the weights but the model expects (16, 2, 3, 3)'),
+        ([weights, out], 'pass --model NAME'),
+        ([weights, str(tmp_path / 'full'), '--model', 'resnet50'], 'is not an empty directory'),
+        ([weights, out + '.pth', '--model', 'resnet50'], 'a weights file is read into'),
+        ([ckpt, out + '.bin'], 'unknown weights file type'),
+        ([ckpt, out + '.npz', '--model', 'resnet50'], "ckpt does not hold model resnet50"),
+    ]
+    for args, message in cases:
+        assert convert.main(args) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and err.count('\n') == 1 and message in err, (args, err)
+    assert not os.path.exists(out)
+
+    run = subprocess.run([sys.executable, '-m', 'resnext_jax.convert', weights, out], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        f'error: pass --model NAME: which network {weights} holds'], run.stderr
+
+
+# ------------------------------------------------------------------------------ predict
+
+def write_png(path, height, width, seed):
+    rng = np.random.default_rng(seed)
+    tf.io.write_file(str(path), tf.io.encode_png(rng.integers(0, 256, (height, width, 3),
+                                                              dtype=np.uint8)))
+    return str(path)
+
+
+def test_predict_prints_the_top_5_of_each_image(converted, tmp_path, capsys):
+    ckpt, _, _, _ = converted
+    images = [write_png(tmp_path / 'wide.png', 240, 320, 0),
+              write_png(tmp_path / 'tall.png', 300, 260, 1)]
+    assert predict.main(['--checkpoint', str(ckpt), *images]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [lines[0], lines[6]] == [f'{images[0]}:', f'{images[1]}:'] and len(lines) == 12
+    for top in (lines[1:6], lines[7:12]):
+        probabilities = [float(line.split()[0].rstrip('%')) for line in top]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 100
+        assert {line.split()[1] for line in top} <= {str(i) for i in range(10)}   # indices
+
+    # The same numbers by hand: shorter side to 256, centre 224 crop, ImageNet normalisation.
+    model, variables, _ = convert.load_model(ckpt)
+    image = tf.io.decode_png(tf.io.read_file(images[0])).numpy().astype(np.float32)
+    image = tf.image.resize(image, (256, 341)).numpy()[16:240, 58:282]
+    image = (image - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+    np.testing.assert_allclose(predict.load_image(images[0]), image, rtol=1e-5, atol=1e-5)
+    probs = jax.nn.softmax(jax.jit(model.apply)(variables, image[None].astype(np.float32)))[0]
+    best = int(np.argmax(probs))
+    assert lines[1].split()[1] == str(best)
+    np.testing.assert_allclose(float(lines[1].split()[0].rstrip('%')), 100 * probs[best],
+                               atol=0.006)
+
+    assert predict.main(['--checkpoint', str(ckpt), str(tmp_path / 'nope.jpg')]) == 1
+    assert capsys.readouterr().err == f'error: {tmp_path / "nope.jpg"} does not exist\n'
+
+
+def test_imagenet_class_names_come_with_tensorflow_datasets():
+    names = predict.imagenet_class_names()
+    assert len(names) == 1000 and names[0].startswith('tench') and names[1].startswith(
+        'goldfish') and names[999].startswith('toilet tissue')
+
+
+# ------------------------------------------------------------------------------ init_from
+
+TINY = {'stage_sizes': (1, 1, 1), 'stem_width': 8, 'base_features': 16}
+
+
+def tiny_config(**overrides):
+    """ResNeXt-29 2×4d with one block per stage on 8×8 digits, pixels simply scaled to 0..1."""
+    c = quickstart.get_config()
+    c.model, c.model_options = 'resnext29_2x4d', dict(TINY)
+    c.image_size, c.batch_size, c.augment = 8, 64, 'none'
+    c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 1, 1, 100.0
+    c.mean, c.std = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
+    c.update(overrides)
+    return c
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoints(tmp_path_factory):
+    """{classes: (directory, variables)}: converted-style checkpoints of the tiny model with
+    random weights and BN statistics, for 7 and for 10 classes (digits have 10)."""
+    config, root = tiny_config(), tmp_path_factory.mktemp('init')
+    checkpoints = {}
+    for classes in (7, 10):
+        variables = random_variables(train.build_model(config, classes), seed=classes)
+        variables['batch_stats'] = jax.tree_util.tree_map(lambda v: np.abs(v) + 0.5,
+                                                          variables['batch_stats'])
+        convert.save_checkpoint(root / str(classes), variables,
+                                {'model': config.model, 'num_classes': classes})
+        checkpoints[classes] = (root / str(classes), variables)
+    return checkpoints
+
+
+def test_init_from_keeps_a_fresh_head_for_other_classes(tiny_checkpoints, caplog):
+    directory, variables = tiny_checkpoints[7]
+    mesh = parallel.make_mesh()
+    fresh = jax.device_put(random_variables(train.build_model(tiny_config(), 10), seed=0),
+                           parallel.replicated(mesh))
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=fresh['params'],
+                             batch_stats=fresh['batch_stats'], opt_state=())
+    with caplog.at_level(logging.INFO):
+        loaded = train.init_from_checkpoint(state, str(directory))
+    assert 'it has 7 classes, this run 10; the head starts fresh' in caplog.text
+    expected = {**variables, 'params': {**variables['params'],
+                                        'head': jax.device_get(fresh['params']['head'])}}
+    assert tree_equal(jax.device_get({'params': loaded.params,
+                                      'batch_stats': loaded.batch_stats}), expected)
+    assert all(x.sharding == parallel.replicated(mesh)
+               for x in jax.tree_util.tree_leaves(loaded.params))
+
+    other = random_variables(create_model('resnext29_4x4d', num_classes=10, **TINY))
+    with pytest.raises(ValueError, match=(
+            r"resnext29_2x4d\) does not fit the model: \['batch_stats'\]\['stage1'\]\['block1'\]"
+            r"\['aggregated'\]\['bn1'\]\['mean'\] has shape \(8,\) there and \(16,\) here")):
+        train.init_from_checkpoint(state.replace(**other), str(directory))
+
+
+def test_eval_only_evaluates_the_init_from_weights_once(tiny_checkpoints, tmp_path):
+    directory, expected = tiny_checkpoints[10]
+    config = tiny_config(init_from=str(directory), eval_only=True)
+    result = train.train_and_evaluate(config, tmp_path)
+    with open(tmp_path / 'metrics.jsonl') as f:
+        assert [(r['step'], r['split']) for r in map(json.loads, f)] == [(0, 'eval')]
+    assert not os.listdir(tmp_path / 'checkpoints')
+
+    images, labels = data.make_source(config).eval   # pixels / 255: the config's mean and std
+    images = np.repeat(images.astype(np.float32) / 255.0, 3, axis=-1)
+    logits = jax.jit(train.build_model(config, 10).apply)(expected, images)
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
+    assert result['num_examples'] == 360
+    np.testing.assert_allclose(result['loss'], -np.mean(logp[np.arange(360), labels]), rtol=1e-5)
+    np.testing.assert_allclose(result['top1'], np.mean(np.argmax(logits, -1) == labels))
+
+
+# ------------------------------------------------------------------------------ with torch
+
+@pytest.mark.parametrize('name', ['resnet50', 'resnext50_32x4d', 'resnext101_64x4d'])
+def test_full_size_torchvision_networks_match(name):
+    """torchvision's own networks with random weights and BN statistics, both directions.
+    Needs torch and torchvision (not in CI), a few seconds each."""
+    pytest.importorskip('torch')
+    from resnext_jax.benchmark import import_torchvision
+    torch, torchvision = import_torchvision()
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, name)()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(0.5 * torch.rand(n, generator=generator) + 0.25)
+                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+        net.fc.weight.mul_(10.0)   # logits of order 1-10, as a trained network gives
+    net.eval()
+    images = torch.randn(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        expected = net(images).numpy()
+
+    model = create_model(name, form='grouped')
+    variables = convert.torch_to_flax(net.state_dict(), model)
+    logits = np.asarray(jax.jit(model.apply)(variables, images.numpy().transpose(0, 2, 3, 1)))
+    print(f'{name}: max |logit| {np.abs(expected).max():.3f}, max abs difference '
+          f'{np.abs(logits - expected).max():.2e}')
+    assert np.abs(logits - expected).max() <= 1e-4
+
+    state_dict = convert.flax_to_torch(variables, model)
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)

@@ -1,0 +1,201 @@
+"""Paper reproduction: architecture tables from the modules, one recipe per row, the report."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import paper
+from resnext_jax import data, tables, train
+from test_train import Preempted, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def arch():
+    """The architecture tables as the command line prints them: fresh process, CPU, JSON."""
+    out = subprocess.run([sys.executable, '-m', 'resnext_jax.tables', '--json'], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_table1_exact_counts_within_the_papers_rounding(arch):
+    r50, x50 = arch['table1']
+    # Exact integers (torchvision's counts; multiply-adds from the traced computation).
+    assert (r50['params'], r50['macs']) == (25_557_032, 4_089_184_256)
+    assert (x50['params'], x50['macs']) == (25_028_904, 4_230_479_872)
+    # Paper: 25.5M / 4.1 GFLOPs and 25.0M / 4.2 GFLOPs.
+    assert abs(r50['params'] - 25.5e6) < 0.1e6 and abs(r50['macs'] - 4.1e9) < 0.1e9
+    assert abs(x50['params'] - 25.0e6) < 0.1e6 and abs(x50['macs'] - 4.2e9) < 0.1e9
+    assert all(r['params_agrees'] and r['macs_agrees'] for r in arch['table1'])
+    # The per-stage template of Table 1: output sizes and ResNeXt block widths.
+    stages = {s['layer']: s for s in x50['stages']}
+    assert [stages[f'stage{i}']['output'] for i in range(1, 5)] == [
+        [56, 56, 256], [28, 28, 512], [14, 14, 1024], [7, 7, 2048]]
+    assert [stages[f'stage{i}']['block']['width'] for i in range(1, 5)] == [128, 256, 512, 1024]
+    assert [stages[f'stage{i}']['blocks'] for i in range(1, 5)] == [3, 4, 6, 3]
+    assert sum(s['params'] for s in x50['stages']) == x50['params']
+
+
+def test_table2_block_parameters_follow_eq4(arch):
+    # Eq. 4, C·(256·d + 9·d² + 256·d), worked by hand for the five settings of Table 2.
+    hand = {(1, 64): 69_632, (2, 40): 69_760, (4, 24): 69_888, (8, 14): 71_456, (32, 4): 70_144}
+    for r in arch['table2']:
+        key = (r['cardinality'], r['bottleneck_width'])
+        assert r['block_params'] == r['eq4_params'] == hand[key]
+        assert r['group_conv_width'] == r['paper_group_conv_width']
+
+
+def test_table7_and_complexities(arch):
+    assert [(r['model'], r['params']) for r in arch['table7']] == [
+        ('resnext29_8x64d', 34_426_698), ('resnext29_16x64d', 68_155_210)]
+    assert all(r['params_agrees'] for r in arch['table7'])   # 34.4M, 68.1M
+    by_row = {r['row']: r for r in arch['complexity']}
+    assert by_row['table3_resnet101']['macs'] == 7_801_405_440
+    assert by_row['table4_resnext101_64x4d']['params'] == 83_455_272
+    for r in arch['complexity']:   # "preserved complexity": every row near its class
+        assert 0.9 < r['macs_over_class'] < 1.1, r
+
+
+def test_complexity_rows_are_the_table3_and_table4_networks(arch):
+    assert [r['row'] for r in arch['complexity']] == [
+        r.id for r in tables.ROWS if r.table in ('table3', 'table4')]
+    assert len(arch['complexity']) == 14
+
+
+# --------------------------------------------------------------------------- recipes
+
+PROVIDED = [r.id for r in tables.ROWS if r.provided]
+
+
+@pytest.mark.parametrize('row', PROVIDED)
+def test_recipe_hyperparameters_are_the_papers(row):
+    c = paper.get_config(row)
+    spec = tables.ROW_IDS[tables.ALIASES.get(row, row)]
+    assert c.name == spec.id and c.model == spec.model and c.dataset == spec.dataset
+    assert (c.momentum, c.schedule, c.lr_decay_factor, c.decay_bn_and_bias) == (
+        0.9, 'step', 0.1, True)
+    if spec.dataset == 'imagenet2012':   # Sec. 4
+        assert (c.batch_size, c.learning_rate, c.lr_base_batch_size, c.weight_decay) == (
+            256, 0.1, 256, 1e-4)
+        assert len(c.lr_boundaries_epochs) == 3 and c.num_epochs == 90
+        assert (c.image_size, c.eval_resize if not spec.eval_size else 256) == (224, 256)
+        assert (c.augment, c.color_jitter, c.pca_lighting, c.bn_group_size) == (
+            'imagenet', 0.4, 0.1, 32)
+        assert (c.eval_image_size or 224) == (spec.eval_size or 224)
+    else:                                # Sec. 5.3
+        assert (c.batch_size, c.learning_rate, c.weight_decay, c.num_epochs) == (
+            128, 0.1, 5e-4, 300)
+        assert tuple(c.lr_boundaries_epochs) == (150, 225)
+        assert (c.image_size, c.augment, c.bn_group_size) == (32, 'cifar', 16)
+
+
+def test_unknown_and_unprovided_rows(capsys):
+    with pytest.raises(ValueError, match="unknown paper row 'table9'"):
+        paper.get_config('table9')
+    with pytest.raises(ValueError, match='not provided'):
+        paper.get_config('table7_cifar_wide_resnet')
+    tables.main(['--rows', 'table5', 'fig7'])
+    assert capsys.readouterr().out.split() == [
+        'table5_resnext101_64x4d_320', 'fig7_cifar10_resnext29_1x64d',
+        'fig7_cifar10_resnext29_2x64d', 'fig7_cifar10_resnext29_4x64d']
+    with pytest.raises(SystemExit):
+        tables.main(['--rows', 'table9'])
+    assert "unknown table 'table9'" in capsys.readouterr().err
+
+
+SHRINK = {'bottleneck_width': 2, 'base_features': 16, 'stem_width': 8}
+
+
+@pytest.mark.parametrize('dataset', ['imagenet2012', 'cifar10', 'cifar100'])
+def test_every_recipe_builds_and_takes_a_step_on_mock_data(dataset):
+    """Each row's network (shrunk: one block per stage, d = 2) and input pipeline, one
+    jitted training step on mock data; one compile per distinct shrunk network."""
+    rows = [r for r in PROVIDED
+            if tables.ROW_IDS[tables.ALIASES.get(r, r)].dataset == dataset]
+    assert rows
+    compiled = {}
+    with tfds.testing.mock_data(num_examples=16):
+        for row in rows:
+            c = paper.get_config(row)
+            c.image_size, c.batch_size, c.bn_group_size = 32, 8, 4
+            if c.eval_image_size:
+                c.eval_image_size, c.eval_resize = 40, 46
+            c.in_memory, c.shuffle_buffer = False, 16
+            depth = len(create_spec(c.model)['stage_sizes'])
+            c.model_options = {**SHRINK, 'stage_sizes': (1,) * depth}
+            source = data.make_source(c)
+            info = data.dataset_info(c, source)
+            model = train.build_model(c, info.num_classes)
+            batch = next(data.train_batches(c, 8, source=source))
+            eval_batch = next(data.eval_batches(c, 8, source=source))
+            assert eval_batch['image'].shape[1] == (c.eval_image_size or 32)
+            key = (model.cardinality, depth, info.num_classes)
+            if key not in compiled:
+                compiled[key] = one_step(c, model, batch)
+            assert np.isfinite(compiled[key])
+
+
+def create_spec(name):
+    from resnext_jax.models import model_spec
+    return model_spec(name)
+
+
+def one_step(config, model, batch):
+    tx = train.create_optimizer(config, 0.1)
+    variables = jax.jit(model.init)(jax.random.key(0), batch['image'][:1])
+    state = train.TrainState(step=np.int32(0), params=variables['params'],
+                             batch_stats=variables['batch_stats'],
+                             opt_state=jax.jit(tx.init)(variables['params']))
+    _, metrics = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx))(state, batch)
+    return float(metrics['loss'])
+
+
+# --------------------------------------------------------------------------- report
+
+def last_eval(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(l) for l in f if '"eval"' in l][-1]
+
+
+def test_report_from_real_runs(tmp_path, monkeypatch, capsys):
+    done, partial = tmp_path / 'done', tmp_path / 'partial'
+    train.train_and_evaluate(tiny_config(name='table7_cifar10_resnext29_8x64d',
+                                         num_train_steps=2), done)
+    real = data.train_batches
+
+    def stop_at_3(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise Preempted
+            yield batch
+    monkeypatch.setattr(data, 'train_batches', stop_at_3)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(tiny_config(name='table3_resnext50_32x4d', num_train_steps=4,
+                                             eval_every_epochs=1 / 89), partial)
+
+    rows = {r['row']: r for r in tables.results([str(done), str(partial)])}
+    for row, workdir, status in (('table7_cifar10_resnext29_8x64d', done, 'done'),
+                                 ('fig7_cifar10_resnext29_8x64d', done, 'done'),
+                                 ('table3_resnext50_32x4d', partial, 'running (step 2/4)')):
+        ev = last_eval(workdir)
+        assert rows[row]['status'] == status
+        assert rows[row]['top1_err'] == round(100 * (1 - ev['top1']), 2)
+        assert rows[row]['top5_err'] == round(100 * (1 - ev['top5']), 2)
+    assert rows['table3_resnext50_32x4d']['paper_top1_err'] == 22.2
+    assert rows['table4_resnext101_64x4d']['status'] == 'not run'
+    assert rows['table7_cifar_wide_resnet']['status'] == 'not provided'
+
+    tables.main(['--results', str(done), str(partial)])
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if 'ResNeXt-50 32×4d' in l)
+    assert '22.20' in line and 'running (step 2/4)' in line
+    with pytest.raises(SystemExit, match='is not a training workdir'):
+        tables.main(['--results', str(tmp_path)])
