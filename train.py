@@ -50,4 +50,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    from resnext_jax import runtime
+    runtime.prepare_process()
     app.run(main)

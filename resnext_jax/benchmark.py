@@ -12,7 +12,9 @@ compiles, is timed separately). Memory is the device's peak where it reports one
 else what XLA plans for the compiled step (arguments + outputs + temporaries). `--torch` times
 the same network built from torchvision's `ResNet` (groups, width_per_group) in the same
 process, channels_last, with `torch.optim.SGD`; torch and torchvision are an optional extra.
-`--layer` times one 3×3 grouped convolution in every form instead of a network.
+`--layer` times one 3×3 grouped convolution in every form instead of a network. Run as a
+program, it first applies `resnext_jax.runtime.prepare_process()` (YNNPACK fusions, huge pages;
+the header line shows the resulting XLA_FLAGS and GLIBC_TUNABLES).
 """
 import argparse
 import dataclasses
@@ -222,7 +224,9 @@ def bench_layer(batch_size, size, width, groups, steps, warmup):
 def environment():
     return dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                 device_count=jax.device_count(), cpu_count=os.cpu_count(),
-                jax=jax.__version__, python=platform.python_version())
+                jax=jax.__version__, python=platform.python_version(),
+                xla_flags=os.environ.get('XLA_FLAGS', ''),
+                glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
 
 
 def _fmt(v, spec):
@@ -316,9 +320,12 @@ def main(argv=None):
     else:
         print(f'{args.model}, batch {args.batch_size}, {size}×{size}, {args.dtype}, '
               f'{env["backend"]} ({env["device"]}, {env["device_count"]} device(s), '
-              f'{env["cpu_count"]} CPU cores), jax {env["jax"]}')
+              f'{env["cpu_count"]} CPU cores), jax {env["jax"]}'
+              + ''.join(f', {k.upper()}={env[k]}' for k in ('xla_flags', 'glibc_tunables') if env[k]))
         print(format_rows(rows, torch_row))
 
 
 if __name__ == '__main__':
+    from resnext_jax import runtime
+    runtime.prepare_process()
     main()

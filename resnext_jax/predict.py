@@ -89,4 +89,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from resnext_jax import runtime
+    runtime.prepare_process()
     sys.exit(main())
