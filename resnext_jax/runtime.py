@@ -42,6 +42,12 @@ def xla_flags_with_ynn_fusions(xla_flags, jaxlib_version):
     return f'{xla_flags} --{YNN_FLAG}={YNN_FUSIONS}'.strip()
 
 
+def jaxlib_version():
+    """(major, minor) of the installed jaxlib."""
+    import jaxlib.version
+    return tuple(int(p) for p in re.findall(r'\d+', jaxlib.version.__version__)[:2])
+
+
 def glibc_version():
     """(major, minor) of the running glibc, or None elsewhere."""
     try:
@@ -69,9 +75,7 @@ def huge_pages_wanted(environ, glibc, thp):
 
 def prepare_process():
     """Applies both settings; may restart the process. Call it before JAX starts a backend."""
-    import jaxlib.version
-    jaxlib_version = tuple(int(p) for p in re.findall(r'\d+', jaxlib.version.__version__)[:2])
-    flags = xla_flags_with_ynn_fusions(os.environ.get('XLA_FLAGS', ''), jaxlib_version)
+    flags = xla_flags_with_ynn_fusions(os.environ.get('XLA_FLAGS', ''), jaxlib_version())
     if flags:
         os.environ['XLA_FLAGS'] = flags
     argv = getattr(sys, 'orig_argv', None)
