@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnext_jax.parallel import per_device
+
 FORMS = ('auto', 'paths', 'concat', 'grouped', 'blockdiag', 'sliced')
 SLICE_WIDTH = 8  # channels per slice in 'sliced' (rounded up to whole groups)
 
@@ -136,23 +138,23 @@ class AggregatedTransform(nn.Module):
         def split(a, axis=-1):
             return jnp.split(a, C, axis=axis)
 
+        def transform_3x3(h, w2):  # the only layer whose form matters
+            if form == 'grouped':
+                return conv(h, w2, self.strides, groups=C)
+            if form == 'sliced':
+                return sliced_conv(h, w2, C, self.strides)
+            if form == 'blockdiag':
+                return conv(h, block_diagonal(w2, C), self.strides)
+            return jnp.concatenate(   # 'paths', 'concat': one 3×3 per path
+                [conv(hi, wi, self.strides) for hi, wi in zip(split(h), split(w2))], -1)
+
         if form in ('paths', 'concat'):
             h = jnp.concatenate([conv(x, w) for w in split(w1)], -1)
-            h = nn.relu(bn1(h))
-            h = jnp.concatenate(
-                [conv(hi, wi, self.strides) for hi, wi in zip(split(h), split(w2))], -1)
-            h = nn.relu(bn2(h))
-            if form == 'paths':
-                y = sum(conv(hi, wi) for hi, wi in zip(split(h), split(w3, axis=2)))
-            else:
-                y = conv(h, w3)
         else:
-            h = nn.relu(bn1(conv(x, w1)))
-            if form == 'grouped':
-                h = conv(h, w2, self.strides, groups=C)
-            elif form == 'sliced':
-                h = sliced_conv(h, w2, C, self.strides)
-            else:
-                h = conv(h, block_diagonal(w2, C), self.strides)
-            y = conv(nn.relu(bn2(h)), w3)
+            h = conv(x, w1)
+        h = nn.relu(bn2(per_device(transform_3x3, nn.relu(bn1(h)), w2)))
+        if form == 'paths':
+            y = sum(conv(hi, wi) for hi, wi in zip(split(h), split(w3, axis=2)))
+        else:
+            y = conv(h, w3)
         return bn3(y)

@@ -33,6 +33,28 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
         jax.distributed.initialize()
 
 
+def per_device(fn, x, *replicated_args):
+    """`fn(x, *replicated_args)` computed by each device on its own share of the batch.
+
+    Under a mesh set with `jax.set_mesh` (train.py and plan.py trace their steps inside one)
+    whose 'data' axis splits `x`'s batch evenly, `fn` runs under `jax.shard_map`: every device
+    applies it to its rows of `x` with the other arguments replicated, and the gradient of those
+    arguments is summed over the axis. Without such a mesh it is just `fn(x, ...)`.
+
+    Why: XLA's SPMD partitioner (jaxlib 0.10) gathers the global batch onto every device for a
+    grouped convolution whose groups have more than one input channel (openxla/xla#47945), so
+    on CPU and GPU meshes every device would compute those layers for the whole batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if (mesh.empty or DATA not in mesh.axis_names or mesh.shape[DATA] == 1
+            or x.shape[0] % mesh.shape[DATA]
+            or DATA in mesh.manual_axes):
+        return fn(x, *replicated_args)
+    specs = (P(DATA),) + (P(),) * len(replicated_args)
+    return jax.shard_map(fn, in_specs=specs, out_specs=P(DATA), axis_names={DATA})(
+        x, *replicated_args)
+
+
 def make_mesh():
     """A one-axis mesh over `jax.devices()` — all devices of all processes."""
     return Mesh(np.asarray(jax.devices()), (DATA,))

@@ -120,6 +120,32 @@ def evaluate(eval_fn, state, config, local_batch, mesh, source):
             'num_examples': int(n)}
 
 
+def make_init(config, model, tx):
+    """rng → the initial `TrainState` (jit it with `out_shardings` to create it sharded)."""
+    def init(rng):
+        shape = (1, config.image_size, config.image_size, 3)
+        variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+        params = variables['params']
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+    return init
+
+
+def make_steps(config, model, tx, mesh, shardings):
+    """The jitted (train_step, eval_step) of a run over `mesh`, the state placed by `shardings`
+    and donated to the train step, the batch split over 'data'. `train_and_evaluate` runs them
+    and `python -m resnext_jax.plan` compiles them for TPU topologies. Call or lower them inside
+    `jax.set_mesh(mesh)`: the aggregated 3×3 convolutions then run on each device's own share
+    of the batch (`parallel.per_device`)."""
+    batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    p_train = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+        in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
+    p_eval = jax.jit(functools.partial(eval_step, model=model),
+                     in_shardings=(shardings, batch_sh), out_shardings=repl)
+    return p_train, p_eval
+
+
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
@@ -130,10 +156,14 @@ def train_and_evaluate(config, workdir, source=None):
     `source` replaces `config.dataset`, e.g. a `resnext_jax.data.ArraySource` of numpy arrays.
     Returns the final evaluation metrics.
     """
-    # ---------------------------------------------------------------- setup
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh()
+    with jax.set_mesh(mesh):  # the steps trace with the mesh in context: `make_steps`
+        return _run(config, epath.Path(workdir), source, mesh)
+
+
+def _run(config, workdir, source, mesh):
+    # ---------------------------------------------------------------- setup
+    workdir.mkdir(parents=True, exist_ok=True)
     process_count, process_index = jax.process_count(), jax.process_index()
     if config.batch_size % jax.device_count():
         raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
@@ -153,13 +183,7 @@ def train_and_evaluate(config, workdir, source=None):
     tx = create_optimizer(config, schedule)
 
     # ---------------------------------------------------------------- state
-    def init(rng):
-        shape = (1, config.image_size, config.image_size, 3)
-        variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
-        params = variables['params']
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
-
+    init = make_init(config, model, tx)
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init, rng)
     shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp)
@@ -183,12 +207,7 @@ def train_and_evaluate(config, workdir, source=None):
                  num_steps, config.batch_size)
 
     # ---------------------------------------------------------------- compiled steps
-    batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    p_train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
-        in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, model=model),
-                     in_shardings=(shardings, batch_sh), out_shardings=repl)
+    p_train, p_eval = make_steps(config, model, tx, mesh, shardings)
     writer = MetricsWriter(workdir, enabled=process_index == 0, resume_step=start)
     if process_index == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))

@@ -1,6 +1,12 @@
-"""Test setup: 8 fake CPU devices for the sharding tests, quick compiles, quiet TensorFlow."""
+"""Test setup: 8 fake CPU devices for the sharding tests, quick compiles, quiet TensorFlow.
+
+JAX is pinned to the CPU so that an installed CUDA jaxlib or libtpu (the `tpu` extra, for
+`resnext_jax.plan`) does not take the tests' devices; subprocesses inherit the setting.
+"""
 import os
 
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 # Unoptimised XLA:CPU code compiles about twice as fast; the tests run small shapes.
 os.environ.setdefault(
     'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
