@@ -53,6 +53,7 @@ def get_config():
 
     # Distribution.
     c.fsdp = False                 # shard parameters and optimizer state over the data axis
+    c.fsdp_min_size = 2**16        # with fsdp: arrays of at least this many elements are split
 
     # Loop, evaluation, checkpoints.
     c.log_every_steps = 100

@@ -77,11 +77,17 @@ def cross_entropy(logits, labels, smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state, batch, *, model, tx, label_smoothing=0.0):
+def _gathered(params, gather):
+    """With FSDP (`gather`: a replicated sharding), the parameters gathered where they are used:
+    otherwise XLA may gather a layer's global-batch activations against a split weight."""
+    return params if gather is None else jax.lax.with_sharding_constraint(params, gather)
+
+
+def train_step(state, batch, *, model, tx, label_smoothing=0.0, gather=None):
     def loss_fn(params):
         logits, updates = model.apply(
-            {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-            mutable=['batch_stats'])
+            {'params': _gathered(params, gather), 'batch_stats': state.batch_stats},
+            batch['image'], train=True, mutable=['batch_stats'])
         loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
         return loss, (logits, updates['batch_stats'])
 
@@ -94,10 +100,10 @@ def train_step(state, batch, *, model, tx, label_smoothing=0.0):
     return state, {'loss': loss, 'top1': top1}
 
 
-def eval_step(state, batch, *, model):
+def eval_step(state, batch, *, model, gather=None):
     """Sums over the examples whose mask is 1: loss, top-1 and top-5 hits, count."""
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         batch['image'], train=False)
+    logits = model.apply({'params': _gathered(state.params, gather),
+                          'batch_stats': state.batch_stats}, batch['image'], train=False)
     mask, labels = batch['mask'], batch['label']
     k = min(5, logits.shape[-1])
     topk = jax.lax.top_k(logits, k)[1]
@@ -138,10 +144,12 @@ def make_steps(config, model, tx, mesh, shardings):
     `jax.set_mesh(mesh)`: the aggregated 3×3 convolutions then run on each device's own share
     of the batch (`parallel.per_device`)."""
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    gather = repl if config.fsdp else None
     p_train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing),
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing,
+                          gather=gather),
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, model=model),
+    p_eval = jax.jit(functools.partial(eval_step, model=model, gather=gather),
                      in_shardings=(shardings, batch_sh), out_shardings=repl)
     return p_train, p_eval
 
@@ -186,7 +194,14 @@ def _run(config, workdir, source, mesh):
     init = make_init(config, model, tx)
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init, rng)
-    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp)
+    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp,
+                                         min_size=config.fsdp_min_size)
+    if config.fsdp:
+        split = [jax.tree_util.keystr(path) for path, s in
+                 jax.tree_util.tree_leaves_with_path(shardings) if parallel.DATA in s.spec]
+        logging.info('fsdp: %d of %d state arrays (≥ %d elements) split over %d devices: %s',
+                     len(split), len(jax.tree_util.tree_leaves(shardings)),
+                     config.fsdp_min_size, mesh.size, ', '.join(split))
     checkpoints = ocp.CheckpointManager(
         workdir / 'checkpoints',
         options=ocp.CheckpointManagerOptions(

@@ -273,7 +273,7 @@ def test_weight_decay_choice_for_bn_and_bias(decay_bn_and_bias):
     np.testing.assert_allclose(updates['head']['bias'], -0.05 if decay_bn_and_bias else 0.0)
 
 
-def test_fsdp_shards_state_and_trains_like_replicated(tmp_path, monkeypatch):
+def test_fsdp_shards_state_and_trains_like_replicated(tmp_path):
     config = tiny_config(num_train_steps=2, log_every_steps=1)
     model = train.build_model(config, 10)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
@@ -289,11 +289,8 @@ def test_fsdp_shards_state_and_trains_like_replicated(tmp_path, monkeypatch):
     assert any('data' in s.spec for s in jax.tree_util.tree_leaves(shardings))
 
     replicated = train.train_and_evaluate(config, tmp_path / 'replicated')
-    real = parallel.state_shardings  # the config option, with a threshold for the tiny model
-    monkeypatch.setattr(parallel, 'state_shardings',
-                        lambda a, m, fsdp=False: real(a, m, fsdp, min_size=64))
-    sharded = train.train_and_evaluate(tiny_config(num_train_steps=2, fsdp=True),
-                                       tmp_path / 'fsdp')
+    sharded = train.train_and_evaluate(
+        tiny_config(num_train_steps=2, fsdp=True, fsdp_min_size=64), tmp_path / 'fsdp')
     np.testing.assert_allclose(sharded['loss'], replicated['loss'], rtol=1e-5)
     assert_trees_close(train.load_checkpoint(tmp_path / 'fsdp')[0],
                        train.load_checkpoint(tmp_path / 'replicated')[0], rtol=1e-5, atol=1e-6)
