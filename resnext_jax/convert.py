@@ -22,7 +22,7 @@ does not fit raises a one-line ValueError naming the key and both shapes.
 
 A file (.pth/.pt via `torch.load(weights_only=True)`, .safetensors, .npz) becomes an orbax
 checkpoint directory laid out like a training workdir (`ckpt/checkpoints/0`, read by
-`resnext_jax.train.load_checkpoint` and `--config.init_from`); a checkpoint directory or a
+`resnext_jax.checkpoint.load_checkpoint` and `--config.init_from`); a checkpoint directory or a
 training workdir becomes a file that torchvision's `ResNet.load_state_dict(strict=True)` takes.
 """
 import argparse
@@ -38,9 +38,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
+from resnext_jax import checkpoint
 from resnext_jax.models import create_model
 
 STATE_DICT_FILES = ('.pth', '.pt', '.safetensors', '.npz')
@@ -231,18 +230,6 @@ def _optional(module, suffix):
                          'pip install "resnext_jax[torch]"') from None
 
 
-def save_checkpoint(directory, variables, meta):
-    """Writes `variables` as step 0 of `directory`/checkpoints in the layout of a training
-    workdir (Composite 'state' with params and batch_stats, 'meta' JSON), so that
-    `train.load_checkpoint(directory)` and `--config.init_from=directory` read it."""
-    state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-    options = ocp.CheckpointManagerOptions(create=True)
-    with ocp.CheckpointManager(epath.Path(directory) / 'checkpoints', options=options) as manager:
-        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave({**meta, 'step': 0})))
-        manager.wait_until_finished()
-
-
 def _model_options(options):
     """ResNeXt fields from JSON (lists become tuples, as in `config.model_options`)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
@@ -252,10 +239,9 @@ def load_model(directory, name=None, options=None):
     """(model, variables, meta) of the newest checkpoint in a directory from `import_weights`
     or a training workdir. The model name and options default to those the checkpoint records
     (its meta, else the workdir's config.json); the classes are the head's."""
-    from resnext_jax.train import load_checkpoint  # noqa: PLC0415 (it brings TensorFlow)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f'{directory} is not a checkpoint directory')
-    state, meta = load_checkpoint(directory)
+    state, meta = checkpoint.load_checkpoint(directory)
     config_file = os.path.join(directory, 'config.json')
     config = {}
     if os.path.isfile(config_file):
@@ -296,7 +282,7 @@ def import_weights(src, dst, name, num_classes=None, options=None):
         variables = torch_to_flax(state_dict, model)
     except ValueError as e:
         raise ValueError(f'{src} does not fit --model {name}: {e}') from None
-    save_checkpoint(dst, variables, {
+    checkpoint.save_variables(dst, variables, {
         'model': name, 'model_options': options, 'num_classes': model.num_classes,
         'image_size': 224 if model.stem == 'imagenet' else 32, 'source': os.path.basename(src)})
 

@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from resnext_jax import data, parallel
+from resnext_jax import checkpoint, data, parallel
 from resnext_jax.metrics import MetricsWriter
 from resnext_jax.models import create_model
 
@@ -164,14 +163,15 @@ def train_and_evaluate(config, workdir, source=None):
     `source` replaces `config.dataset`, e.g. a `resnext_jax.data.ArraySource` of numpy arrays.
     Returns the final evaluation metrics.
     """
-    mesh = parallel.make_mesh()
-    with jax.set_mesh(mesh):  # the steps trace with the mesh in context: `make_steps`
-        return _run(config, epath.Path(workdir), source, mesh)
+    mesh, workdir = parallel.make_mesh(), epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The steps trace with the mesh in context (`make_steps`); one run at a time per workdir.
+    with jax.set_mesh(mesh), checkpoint.WorkdirLock(workdir):
+        return _run(config, workdir, source, mesh)
 
 
 def _run(config, workdir, source, mesh):
     # ---------------------------------------------------------------- setup
-    workdir.mkdir(parents=True, exist_ok=True)
     process_count, process_index = jax.process_count(), jax.process_index()
     if config.batch_size % jax.device_count():
         raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
@@ -202,20 +202,16 @@ def _run(config, workdir, source, mesh):
         logging.info('fsdp: %d of %d state arrays (≥ %d elements) split over %d devices: %s',
                      len(split), len(jax.tree_util.tree_leaves(shardings)),
                      config.fsdp_min_size, mesh.size, ', '.join(split))
-    checkpoints = ocp.CheckpointManager(
-        workdir / 'checkpoints',
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, create=True,
-            enable_async_checkpointing=config.get('async_checkpoints', True)))
-    meta = {'global_batch_size': config.batch_size, 'model': config.model,
-            'num_classes': info.num_classes, 'image_size': config.image_size}
-    if checkpoints.latest_step() is not None:
-        state, start = restore(checkpoints, abstract, shardings, meta), checkpoints.latest_step()
+    meta = checkpoint.run_meta(config, info.num_classes)
+    checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints,
+                                         async_save=config.async_checkpoints)
+    state, start = checkpoints.restore(abstract, shardings, meta)
+    if state is not None:
         logging.info('resumed from %s at step %d', checkpoints.directory, start)
     else:
-        state, start = jax.jit(init, out_shardings=shardings)(rng), 0
-        if config.get('init_from'):
-            state = init_from_checkpoint(state, config.init_from)
+        state = jax.jit(init, out_shardings=shardings)(rng)
+        if config.init_from:
+            state = checkpoint.init_from(state, config.init_from)
     params_count = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))
     logging.info('%s: %s parameters, %d devices in %d processes, %d steps of %d images',
                  config.model, f'{params_count:,}', jax.device_count(), process_count,
@@ -236,125 +232,51 @@ def _run(config, workdir, source, mesh):
                      result['num_examples'])
         return result
 
+    def log_train(step, pending, seconds):
+        values = jax.device_get(pending)
+        losses = [float(v['loss']) for v in values]
+        if not np.all(np.isfinite(losses)):
+            raise checkpoints.diverged(step, 'the training loss')
+        speed = len(values) * config.batch_size / seconds
+        writer.write(step, 'train', loss=float(np.mean(losses)),
+                     top1=float(np.mean([v['top1'] for v in values])),
+                     learning_rate=float(schedule(step - 1)), images_per_sec=speed,
+                     epoch=step / steps_per_epoch)
+        eta = (num_steps - step) * seconds / len(values)
+        logging.info('step %d/%d  loss %.4f  %.1f img/s  ETA %s', step, num_steps,
+                     np.mean(losses), speed, time.strftime('%H:%M:%S', time.gmtime(eta)))
+
     # ---------------------------------------------------------------- loop
     batches = data.train_batches(config, local_batch, start_step=start,
                                  process_index=process_index, process_count=process_count,
                                  source=source)
     pending, t0, t_start, result = [], time.perf_counter(), time.perf_counter(), None
-    last = start if config.get('eval_only') else num_steps
+    last = start if config.eval_only else num_steps
     try:
-        for step in range(start + 1, last + 1):
-            state, step_metrics = p_train(state, parallel.global_batch(next(batches), mesh))
-            pending.append(step_metrics)
-            if step % config.log_every_steps == 0 or step == num_steps:
-                values = jax.device_get(pending)
-                loss = _finite_mean_loss(values, step, checkpoints.directory)
-                dt = time.perf_counter() - t0
-                speed = len(values) * config.batch_size / dt
-                writer.write(step, 'train', loss=loss,
-                             top1=float(np.mean([v['top1'] for v in values])),
-                             learning_rate=float(schedule(step - 1)), images_per_sec=speed,
-                             epoch=step / steps_per_epoch)
-                eta = (num_steps - step) * dt / len(values)
-                logging.info('step %d/%d  loss %.4f  %.1f img/s  ETA %s', step, num_steps, loss,
-                             speed, time.strftime('%H:%M:%S', time.gmtime(eta)))
-                pending, t0 = [], time.perf_counter()
-            if step % eval_every == 0 or step == num_steps:
-                result = run_eval(step)
-            if step % config.checkpoint_every_steps == 0 or step == num_steps:
-                _finite_mean_loss(jax.device_get(pending), step, checkpoints.directory)
-                checkpoints.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    meta=ocp.args.JsonSave({**meta, 'step': step})))
+        with checkpoint.PreemptionWatch() as preemption:
+            for step in range(start + 1, last + 1):
+                state, step_metrics = p_train(state, parallel.global_batch(next(batches), mesh))
+                pending.append(step_metrics)
+                preempted = preemption.reached(step)
+                if step % config.log_every_steps == 0 or step == num_steps or preempted:
+                    log_train(step, pending, time.perf_counter() - t0)
+                    pending, t0 = [], time.perf_counter()
+                if preempted:
+                    checkpoints.save(step, state, meta)
+                    checkpoints.wait()
+                    raise checkpoint.Preempted(
+                        f'preempted: saved step {step} of {num_steps} in '
+                        f'{checkpoints.directory}; run the same command again to resume')
+                if step % eval_every == 0 or step == num_steps:
+                    result = run_eval(step)
+                if step % config.checkpoint_every_steps == 0 or step == num_steps:
+                    checkpoints.save(step, state, meta)
         if result is None:  # eval_only or nothing left to train: report the restored state
             result = run_eval(start)
+        checkpoints.wait()
     finally:  # an interrupted run still completes the saves it started
-        checkpoints.wait_until_finished()
         checkpoints.close()
     logging.info('done in %.1f s: top-1 %.2f%%, top-5 %.2f%% on %d %s examples',
                  time.perf_counter() - t_start, 100 * result['top1'], 100 * result['top5'],
                  result['num_examples'], config.eval_split)
     return result
-
-
-def _finite_mean_loss(values, step, directory):
-    """Mean loss of the step metrics in `values`; stops the run before a non-finite state is
-    logged as progress or saved."""
-    losses = [float(v['loss']) for v in values]
-    if not np.all(np.isfinite(losses)):
-        raise FloatingPointError(
-            f'training loss is not finite at step {step}; stopping. The last good checkpoint '
-            f'is kept in {directory}; lower --config.learning_rate')
-    return float(np.mean(losses)) if losses else float('nan')
-
-
-def restore(checkpoints, abstract, shardings, meta):
-    """The newest checkpoint's state, placed with `shardings`; refuses a different batch."""
-    step = checkpoints.latest_step()
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    saved = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    for key in ('global_batch_size', 'model', 'num_classes'):
-        if saved.get(key) != meta[key]:
-            raise ValueError(
-                f'the checkpoint at step {step} in {checkpoints.directory} has {key}='
-                f'{saved.get(key)!r} but the config says {meta[key]!r}; use a new --workdir '
-                f'or the same setting')
-    return checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))['state']
-
-
-def init_from_checkpoint(state, directory):
-    """`state` with the params and BN statistics of the newest checkpoint in `directory` (from
-    `python -m resnext_jax.convert`, or a training workdir), placed like `state`; step and
-    optimizer state stay fresh. A head for another number of classes keeps its fresh
-    initialisation; every other variable must match in name and shape."""
-    if not epath.Path(directory).is_dir():
-        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory')
-    saved, meta = load_checkpoint(directory)
-    saved = {'params': dict(saved['params']), 'batch_stats': saved.get('batch_stats', {})}
-    fresh = {'params': state.params, 'batch_stats': state.batch_stats}
-    head = state.params.get('head')
-    if head is not None and _shapes(saved['params'].get('head')) != _shapes(head):
-        logging.info('init_from %s: it has %s classes, this run %d; the head starts fresh',
-                     directory, meta.get('num_classes'), head['kernel'].shape[-1])
-        saved['params']['head'] = head
-    got, want = _shapes(saved), _shapes(fresh)
-    if got != want:
-        key = next(k for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k))
-        raise ValueError(f'init_from {directory} ({meta.get("model")}) does not fit the model: '
-                         f'{key} has shape {got.get(key)} there and {want.get(key)} here')
-
-    def place(x, like):  # host arrays → `like`'s sharding; the fresh head is already placed
-        if isinstance(x, jax.Array):
-            return x
-        x = np.asarray(x, like.dtype)
-        return jax.make_array_from_callback(like.shape, like.sharding, lambda index: x[index])
-
-    placed = jax.tree_util.tree_map(place, saved, fresh)
-    logging.info('initialised from %s (%s)', directory, meta.get('model'))
-    return state.replace(params=placed['params'], batch_stats=placed['batch_stats'])
-
-
-def _shapes(tree):
-    return {jax.tree_util.keystr(path): np.shape(x)
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def load_checkpoint(workdir, step=None):
-    """(state, meta) of a checkpoint in `workdir` (default: the newest) as numpy arrays on the
-    host, whatever the mesh that wrote it; `state` is a dict with params, batch_stats, ..."""
-    directory = epath.Path(workdir) / 'checkpoints'
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as checkpoints:
-        step = checkpoints.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'no checkpoint in {directory}')
-        tree = checkpoints.item_metadata(step)['state'].tree
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-        restored = checkpoints.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        state, meta = jax.device_get(restored['state']), restored['meta']
-    return state, meta

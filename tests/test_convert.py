@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from configs import quickstart
-from resnext_jax import convert, create_model, data, parallel, predict, train
+from resnext_jax import checkpoint, convert, create_model, data, parallel, predict, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = sorted(glob.glob(os.path.join(REPO, 'tests', 'fixtures', 'torchvision_*.npz')))
@@ -133,7 +133,7 @@ def converted(tmp_path_factory):
 
 def test_cli_writes_a_checkpoint_that_reads_back_identically(converted, tmp_path):
     ckpt, _, state_dict, model = converted
-    state, meta = train.load_checkpoint(ckpt)
+    state, meta = checkpoint.load_checkpoint(ckpt)
     assert sorted(os.listdir(ckpt / 'checkpoints')) == ['0']
     assert tree_equal(state, convert.torch_to_flax(state_dict, model))
     assert (meta['model'], meta['num_classes'], meta['image_size']) == ('resnext50_4x4d', 10, 224)
@@ -154,7 +154,7 @@ def test_cli_safetensors_round_trip(converted, tmp_path):
     assert all(np.array_equal(back[k], v) for k, v in state_dict.items())
     assert convert.main(['--model', 'resnext50_4x4d', '--model-options', SMALL,
                          str(tmp_path / 'w.safetensors'), str(tmp_path / 'again')]) == 0
-    assert tree_equal(train.load_checkpoint(tmp_path / 'again')[0], train.load_checkpoint(ckpt)[0])
+    assert tree_equal(checkpoint.load_checkpoint(tmp_path / 'again')[0], checkpoint.load_checkpoint(ckpt)[0])
 
 
 def test_cli_bad_input_is_one_error_line(converted, tmp_path, capsys):
@@ -258,7 +258,7 @@ def tiny_checkpoints(tmp_path_factory):
         variables = random_variables(train.build_model(config, classes), seed=classes)
         variables['batch_stats'] = jax.tree_util.tree_map(lambda v: np.abs(v) + 0.5,
                                                           variables['batch_stats'])
-        convert.save_checkpoint(root / str(classes), variables,
+        checkpoint.save_variables(root / str(classes), variables,
                                 {'model': config.model, 'num_classes': classes})
         checkpoints[classes] = (root / str(classes), variables)
     return checkpoints
@@ -272,7 +272,7 @@ def test_init_from_keeps_a_fresh_head_for_other_classes(tiny_checkpoints, caplog
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=fresh['params'],
                              batch_stats=fresh['batch_stats'], opt_state=())
     with caplog.at_level(logging.INFO):
-        loaded = train.init_from_checkpoint(state, str(directory))
+        loaded = checkpoint.init_from(state, str(directory))
     assert 'it has 7 classes, this run 10; the head starts fresh' in caplog.text
     expected = {**variables, 'params': {**variables['params'],
                                         'head': jax.device_get(fresh['params']['head'])}}
@@ -285,7 +285,7 @@ def test_init_from_keeps_a_fresh_head_for_other_classes(tiny_checkpoints, caplog
     with pytest.raises(ValueError, match=(
             r"resnext29_2x4d\) does not fit the model: \['batch_stats'\]\['stage1'\]\['block1'\]"
             r"\['aggregated'\]\['bn1'\]\['mean'\] has shape \(8,\) there and \(16,\) here")):
-        train.init_from_checkpoint(state.replace(**other), str(directory))
+        checkpoint.init_from(state.replace(**other), str(directory))
 
 
 def test_eval_only_evaluates_the_init_from_weights_once(tiny_checkpoints, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import quickstart
-from resnext_jax import GroupedBatchNorm, create_model, data, parallel, train
+from resnext_jax import GroupedBatchNorm, checkpoint, create_model, data, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'stage_sizes': (1, 1, 1), 'stem_width': 8, 'base_features': 16}
@@ -67,7 +67,7 @@ def test_end_to_end_on_mock_tfds_over_8_devices(tmp_path):
     evals = read_metrics(tmp_path, 'eval')
     assert [r['step'] for r in evals] == [1, 2, 3, 4] and evals[-1]['top1'] == result['top1']
     assert os.listdir(tmp_path / 'tensorboard')
-    state, meta = train.load_checkpoint(tmp_path)
+    state, meta = checkpoint.load_checkpoint(tmp_path)
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '4']
     assert meta['step'] == 4 and int(state['step']) == 4
     assert meta['global_batch_size'] == 16 and meta['num_classes'] == 10
@@ -118,8 +118,8 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     (two_eval,), (one_eval,) = read_metrics(tmp_path / 'two', 'eval'), [one]
     assert two_eval['num_examples'] == one_eval['num_examples'] == 360
     np.testing.assert_allclose(two_eval['loss'], one_eval['loss'], rtol=1e-4)
-    state_two, _ = train.load_checkpoint(tmp_path / 'two')
-    state_one, _ = train.load_checkpoint(tmp_path / 'one')
+    state_two, _ = checkpoint.load_checkpoint(tmp_path / 'two')
+    state_one, _ = checkpoint.load_checkpoint(tmp_path / 'one')
     assert_trees_close(state_two, state_one, rtol=1e-4, atol=1e-6)
 
 
@@ -145,15 +145,15 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     with pytest.raises(Preempted):
         train.train_and_evaluate(config, tmp_path / 'resumed')
     assert [r['step'] for r in read_metrics(tmp_path / 'resumed')] == [1, 2, 3, 4, 5]
-    assert train.load_checkpoint(tmp_path / 'resumed')[1]['step'] == 4
+    assert checkpoint.load_checkpoint(tmp_path / 'resumed')[1]['step'] == 4
     monkeypatch.setattr(data, 'train_batches', real_batches)
     resumed = train.train_and_evaluate(config, tmp_path / 'resumed')
 
     assert resumed == full
     for split in ('train', 'eval'):
         assert read_metrics(tmp_path / 'resumed', split) == read_metrics(tmp_path / 'full', split)
-    assert_trees_close(train.load_checkpoint(tmp_path / 'resumed')[0],
-                       train.load_checkpoint(tmp_path / 'full')[0])
+    assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'resumed')[0],
+                       checkpoint.load_checkpoint(tmp_path / 'full')[0])
 
     # A finished run re-evaluates and stops; a different global batch is refused.
     assert train.train_and_evaluate(config, tmp_path / 'full') == full
@@ -292,15 +292,16 @@ def test_fsdp_shards_state_and_trains_like_replicated(tmp_path):
     sharded = train.train_and_evaluate(
         tiny_config(num_train_steps=2, fsdp=True, fsdp_min_size=64), tmp_path / 'fsdp')
     np.testing.assert_allclose(sharded['loss'], replicated['loss'], rtol=1e-5)
-    assert_trees_close(train.load_checkpoint(tmp_path / 'fsdp')[0],
-                       train.load_checkpoint(tmp_path / 'replicated')[0], rtol=1e-5, atol=1e-6)
+    assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'fsdp')[0],
+                       checkpoint.load_checkpoint(tmp_path / 'replicated')[0], rtol=1e-5,
+                       atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     config = tiny_config(dtype='bfloat16', num_train_steps=2)
     result = train.train_and_evaluate(config, tmp_path)
     assert np.isfinite(result['loss'])
-    state, _ = train.load_checkpoint(tmp_path)
+    state, _ = checkpoint.load_checkpoint(tmp_path)
     dtypes = {x.dtype for x in jax.tree_util.tree_leaves(state['params'])}
     assert dtypes == {np.dtype('float32')}
 
@@ -324,6 +325,6 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
 def test_bad_batch_and_divergence(tmp_path):
     with pytest.raises(ValueError, match='batch_size 12 is not divisible by the 8 devices'):
         train.train_and_evaluate(tiny_config(batch_size=12), tmp_path / 'a')
-    with pytest.raises(FloatingPointError, match='loss is not finite at step 2'):
+    with pytest.raises(FloatingPointError, match='the training loss is not finite at step 2'):
         train.train_and_evaluate(tiny_config(learning_rate=float('inf')), tmp_path / 'b')
     assert not os.listdir(tmp_path / 'b' / 'checkpoints')   # nothing non-finite was saved

@@ -1,0 +1,349 @@
+"""Checkpoints: saving, restoring, loading to the host, metadata, and the guards around them.
+
+A workdir holds `checkpoints/<step>/{state, meta}` (orbax: `state` = params, batch_stats,
+opt_state, step; `meta` = JSON, `run_meta`), written by training and by
+`python -m resnext_jax.convert`, read by training (resume, `init_from`), `eval_only`,
+`predict` and `convert`. The guards:
+
+- a state is saved only if every array of it is finite (one jitted reduction), so a diverged
+  run never leaves a non-finite checkpoint, and rotation only ever deletes finite ones;
+- a preemption notice (SIGTERM; on multi-process runs JAX's preemption service, which agrees
+  on one step for all processes) saves the current step and stops the run (`Preempted`);
+- a newest checkpoint that cannot be read (truncated or missing files) is reported in one line,
+  moved aside to `<step>.unreadable` (never deleted) and the one before is used;
+- a checkpoint of another model, class count or global batch is refused, never overwritten;
+- one run at a time per local workdir (`WorkdirLock`).
+"""
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import threading
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+# What a checkpoint's state must agree on with the run that restores it.
+MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size')
+
+
+class Preempted(Exception):
+    """The run saved its state at a preemption notice and stopped; re-running resumes."""
+
+
+def run_meta(config, num_classes, class_names=None):
+    """The JSON saved beside every state: what the state is, and how to feed it images (the
+    preprocessing travels with the weights, as timm's pretrained configs do)."""
+    return {'model': config.model, 'model_options': _plain(dict(config.model_options)),
+            'num_classes': int(num_classes), 'global_batch_size': config.batch_size,
+            'dataset': config.dataset, 'image_size': config.image_size,
+            'eval_image_size': config.eval_image_size or config.image_size,
+            'eval_resize': config.eval_resize, 'augment': config.augment,
+            **({'class_names': list(class_names)} if class_names else {})}
+
+
+def _plain(x):  # JSON-able: tuples become lists, as they come back from JSON
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+@jax.jit
+def all_finite(tree):
+    """Whether every floating-point number in `tree` is finite (one fused reduction)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _manager(directory, keep=None, async_save=False, create=False):
+    return ocp.CheckpointManager(
+        directory, item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                  'meta': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                             enable_async_checkpointing=async_save))
+
+
+class Checkpoints:
+    """The checkpoints of one training run in `workdir`/checkpoints."""
+
+    def __init__(self, workdir, *, keep, async_save=True):
+        self.directory = epath.Path(workdir) / 'checkpoints'
+        self._manager = _manager(self.directory, keep, async_save, create=True)
+        self.newest_finite = None   # the newest step known to be saved (all saved are finite)
+
+    def restore(self, abstract, shardings, meta):
+        """(state, step) of the newest readable checkpoint, placed with `shardings`, or
+        (None, 0) if there is none. Unreadable ones are moved aside; a checkpoint that does not
+        match `meta` (MUST_MATCH) is refused with a ValueError."""
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        unreadable = []
+        for step in steps:
+            try:
+                saved = self._restore(step, meta=ocp.args.JsonRestore())['meta']
+                _check_match(saved, meta, f'the checkpoint at step {step} in {self.directory}')
+                _check_tree(self._manager.item_metadata(step)['state'].tree, abstract,
+                            f'the checkpoint at step {step} in {self.directory}')
+                state = self._restore(step, state=ocp.args.StandardRestore(target))['state']
+                if not bool(all_finite(state)):
+                    raise _Unreadable('it holds non-finite numbers')
+            except _Unreadable as e:
+                logging.warning('checkpoint %s/%d is unreadable (%s); moving it aside to %d.'
+                                'unreadable and trying the one before', self.directory, step,
+                                e, step)
+                unreadable.append(step)
+                continue
+            self._set_aside(unreadable)
+            self.newest_finite = step
+            return state, step
+        if unreadable:
+            self._set_aside(unreadable)
+            raise ValueError(
+                f'no readable checkpoint in {self.directory}: steps '
+                f'{", ".join(map(str, unreadable))} are damaged (moved aside as '
+                '<step>.unreadable); use a new --workdir, or restore a copy of the checkpoints')
+        return None, 0
+
+    def _restore(self, step, **items):
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if 'does not fit' in str(e) or 'but the config says' in str(e):
+                raise
+            raise _Unreadable(_first_line(e)) from None
+        except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
+            raise _Unreadable(_first_line(e)) from None
+
+    def _set_aside(self, steps):
+        if steps and jax.process_index() == 0:
+            for step in steps:
+                path = self.directory / str(step)
+                if path.exists():
+                    path.rename(self.directory / f'{step}.unreadable')
+        if steps:
+            multihost_utils.sync_global_devices('resnext_jax checkpoints set aside')
+            self._manager.reload()
+
+    def save(self, step, state, meta):
+        """Saves `state` as `step` if it is finite; else raises FloatingPointError (one line,
+        naming the newest finite checkpoint). Asynchronous unless the run said otherwise."""
+        if not bool(all_finite(state)):
+            raise self.diverged(step, 'the training state')
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({**meta, 'step': int(step)})), force=True)
+        except Exception as e:
+            raise _save_error(step, self.directory, e) from None
+        self.newest_finite = step
+
+    def diverged(self, step, what):
+        """The one-line error for a run whose `what` became non-finite at `step`."""
+        if self.newest_finite is None:
+            where = (f'no checkpoint was saved in {self.directory}; lower '
+                     '--config.learning_rate and start again')
+        else:
+            where = (f'the newest finite checkpoint is step {self.newest_finite} in '
+                     f'{self.directory}; lower --config.learning_rate and re-run to resume '
+                     'from it')
+        return FloatingPointError(f'{what} is not finite at step {step} (the run diverged) and '
+                                  f'is not saved: {where}')
+
+    def wait(self):
+        """Blocks until every started save is on disk."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise _save_error('in progress', self.directory, e) from None
+
+    def close(self):
+        with contextlib.suppress(Exception):   # an error here was already reported by wait()
+            self._manager.close()
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
+
+
+def _save_error(step, directory, e):
+    return OSError(f'could not write the checkpoint of step {step} to {directory} '
+                   f'({_first_line(e)}); the older checkpoints there are intact: fix the '
+                   'cause (e.g. free disk space) and re-run to resume')
+
+
+def _check_match(saved, meta, what):
+    for key in MUST_MATCH:
+        if key in saved and _plain(saved[key]) != _plain(meta[key]):
+            raise ValueError(f'{what} has {key}={saved[key]!r} but the config says '
+                             f'{meta[key]!r}; use a new --workdir or the same setting')
+
+
+def _shapes(tree):
+    """{path: shape} of a tree of arrays, shapes or orbax metadata; dataclasses as dicts."""
+    return {jax.tree_util.keystr(path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_leaves_with_path(
+                flax.serialization.to_state_dict(tree))}
+
+
+def _check_tree(saved, expected, what):
+    got, want = _shapes(saved), _shapes(expected)
+    if got != want:
+        key = next(k for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k))
+        raise ValueError(f'{what} does not fit the model: {key} has shape {got.get(key)} '
+                         f'there and {want.get(key)} here; use a new --workdir or the same '
+                         'model settings')
+
+
+# ------------------------------------------------------------------------------ preemption
+
+class PreemptionWatch:
+    """Tells the training loop when to save and stop for a preemption notice.
+
+    On a multi-process run, JAX's preemption service (started by `jax.distributed.initialize`)
+    catches SIGTERM on any process and makes every process reach the same step; on one process
+    a SIGTERM handler sets a flag. Use as a context manager around the loop."""
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step):
+        """Whether to save `step` and stop. Every process must call it at every step."""
+        if jax.process_count() > 1:
+            try:
+                return multihost_utils.reached_preemption_sync_point(int(step))
+            except RuntimeError:   # the preemption service is disabled
+                return False
+        return self._flag.is_set()
+
+
+# ------------------------------------------------------------------------------ workdir lock
+
+class WorkdirLock:
+    """An exclusive lock on a local workdir for the duration of a run (process 0 holds it), so
+    two runs cannot write the same checkpoints and metrics. Object stores (gs://) are not
+    locked."""
+
+    def __init__(self, workdir):
+        self.path = epath.Path(workdir) / 'run.lock'
+        self._file = None
+
+    def __enter__(self):
+        if jax.process_index() != 0 or '://' in os.fspath(self.path):
+            return self
+        self._file = open(self.path, 'a+')
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or 'another process'
+            self._file.close()
+            self._file = None
+            raise ValueError(f'another run is using {self.path.parent} ({holder} holds '
+                             f'{self.path}); wait for it to finish or use another --workdir'
+                             ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()   # releases the lock
+
+
+# ------------------------------------------------------------------------------ to and from the host
+
+def newest_readable(directory):
+    """(manager, step) of the newest checkpoint in `directory` whose state metadata reads."""
+    manager = _manager(directory)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            manager.item_metadata(step)['state'].tree
+            return manager, step
+        except Exception as e:   # a damaged checkpoint: say so and use the one before
+            logging.warning('checkpoint %s/%d is unreadable (%s); using the one before',
+                            directory, step, _first_line(e))
+    manager.close()
+    raise FileNotFoundError(f'no readable checkpoint in {directory}')
+
+
+def load_checkpoint(workdir, step=None):
+    """(state, meta) of a checkpoint in `workdir` (default: the newest readable one) as numpy
+    arrays on the host, whatever mesh wrote it; `state` is a dict with params, batch_stats, ..."""
+    directory = epath.Path(workdir) / 'checkpoints'
+    if step is None:
+        manager, step = newest_readable(directory)
+    else:
+        manager = _manager(directory)
+    with manager:
+        tree = manager.item_metadata(step)['state'].tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        state, meta = jax.device_get(restored['state']), restored['meta']
+    return state, meta
+
+
+def save_variables(directory, variables, meta):
+    """Writes `variables` (params, batch_stats) as step 0 of `directory`/checkpoints, laid out
+    like a training workdir, so that `load_checkpoint` and `--config.init_from` read it."""
+    state = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+    with _manager(epath.Path(directory) / 'checkpoints', create=True) as manager:
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave({**meta, 'step': 0})))
+        manager.wait_until_finished()
+
+
+def init_from(state, directory):
+    """`state` with the params and BN statistics of the newest checkpoint in `directory` (from
+    `python -m resnext_jax.convert`, or a training workdir), placed like `state`; step and
+    optimizer state stay fresh. A head for another number of classes keeps its fresh
+    initialisation; every other variable must match in name and shape."""
+    if not epath.Path(directory).is_dir():
+        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory')
+    saved, meta = load_checkpoint(directory)
+    saved = {'params': dict(saved['params']), 'batch_stats': saved.get('batch_stats', {})}
+    fresh = {'params': state.params, 'batch_stats': state.batch_stats}
+    head = state.params.get('head')
+    if head is not None and _shapes(saved['params'].get('head')) != _shapes(head):
+        logging.info('init_from %s: it has %s classes, this run %d; the head starts fresh',
+                     directory, meta.get('num_classes'), head['kernel'].shape[-1])
+        saved['params']['head'] = head
+    _check_tree(saved, fresh, f'init_from {directory} ({meta.get("model")})')
+
+    def place(x, like):  # host arrays → `like`'s sharding; the fresh head is already placed
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x, like.dtype)
+        return jax.make_array_from_callback(like.shape, like.sharding, lambda index: x[index])
+
+    placed = jax.tree_util.tree_map(place, saved, fresh)
+    logging.info('initialised from %s (%s)', directory, meta.get('model'))
+    return state.replace(params=placed['params'], batch_stats=placed['batch_stats'])

@@ -1,0 +1,210 @@
+"""resnext_jax.plan and resnext_jax.tpus: train.py's step compiled by libtpu for a TPU slice.
+
+Needs libtpu (the `tpu` extra); skipped without it. A tiny ResNeXt is compiled for a v5e-4
+slice (4 chips, 2x2) at two per-chip batches whose global sizes occur in no other shape of the
+program, so that the compiled per-chip program shows where the batch was split.
+"""
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec('libtpu') is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')", allow_module_level=True)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import quickstart
+from resnext_jax import plan, tpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHIPS = 4                 # v5e-4
+BATCHES = (13, 26)        # per chip; globally 52 and 104, sizes no layer of the network has
+
+
+def tiny_config(**overrides):
+    """ResNeXt 2×4d with one block per stage on 12×12 images (stages 12, 6, 3 pixels)."""
+    c = quickstart.get_config()
+    c.model, c.form, c.dtype = 'resnext29_2x4d', 'auto', 'float32'
+    c.model_options = {'stage_sizes': (1, 1, 1), 'stem_width': 8, 'base_features': 16}
+    c.image_size, c.batch_size = 12, CHIPS * BATCHES[0]
+    c.update(overrides)
+    return c
+
+
+@pytest.fixture(scope='module')
+def planned():
+    """plan_step at both batches; every compile is kept, and served again when asked twice."""
+    tpu_slice = tpus.parse_slice('v5e-4')
+    mesh = Mesh(np.asarray(tpus.slice_devices(tpu_slice)), ('data',))
+    config = plan.tpu_config(tiny_config())
+    compiled, real = {}, plan.compile_step
+
+    def cached(config, mesh, num_classes, global_batch, step=plan.TRAIN):
+        key = (config.form, global_batch, step)
+        if key not in compiled:
+            compiled[key] = real(config, mesh, num_classes, global_batch, step)
+        return compiled[key]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plan, 'compile_step', cached)
+
+        def step(b, **kwargs):
+            return plan.plan_step(config, tpu_slice, mesh, 10, per_chip_batch=b, **kwargs)
+
+        rows = {b: step(b) for b in BATCHES}
+        yield dict(rows=rows, step=step, config=config,
+                   hlo={b: compiled[(config.form, CHIPS * b, plan.TRAIN)][0].as_text()
+                        for b in BATCHES})
+
+
+def test_auto_form_is_the_tpu_form(planned):
+    # train.py on a TPU resolves 'auto' with the TPU backend, whatever machine plans the run.
+    assert jax.default_backend() == 'cpu'
+    assert planned['config'].form == 'grouped'
+    assert {r['form'] for r in planned['rows'].values()} == {'grouped'}
+
+
+def test_flops_per_chip_scale_with_the_per_chip_batch(planned):
+    small, large = (planned['rows'][b] for b in BATCHES)
+    assert large['flops_per_chip'] / small['flops_per_chip'] == pytest.approx(
+        BATCHES[1] / BATCHES[0], rel=0.03)
+    for r in (small, large):
+        assert r['global_batch'] == CHIPS * r['per_chip_batch']
+        # Every convolution of the model is in the program, and more (BN, SGD, the loss).
+        assert r['flops_per_image'] >= 0.95 * r['model_flops_per_image']
+        assert r['bound_seconds'] == max(r['compute_seconds'], r['memory_seconds']) > 0
+
+
+def test_fits_flips_where_the_memory_says(planned):
+    small, large = (planned['rows'][b] for b in BATCHES)
+    assert small['fits'] and large['fits']  # kilobytes against 16 GiB
+    assert 0 < small['hbm_bytes_per_chip'] < large['hbm_bytes_per_chip']
+    between = (small['hbm_bytes_per_chip'] + large['hbm_bytes_per_chip']) // 2
+    again = {b: planned['step'](b, capacity=between) for b in BATCHES}
+    assert again[BATCHES[0]]['fits'] and not again[BATCHES[1]]['fits']
+    assert again[BATCHES[1]]['hbm_capacity_bytes'] == between
+    # The total counts the donated state once: arguments + outputs − aliased + temps + code.
+    r = large
+    assert r['hbm_aliased_bytes'] > 0
+    assert r['hbm_bytes_per_chip'] == (r['hbm_arguments_bytes'] + r['hbm_outputs_bytes']
+                                       - r['hbm_aliased_bytes'] + r['hbm_temporaries_bytes']
+                                       + r['hbm_program_bytes'])
+
+
+SHAPE = re.compile(r'\b(?:pred|[subf]\d+)\[([\d,]*)\]')
+INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$')
+
+
+def dims(text):
+    return [tuple(int(d) for d in m.split(',') if d) for m in SHAPE.findall(text)]
+
+
+@pytest.mark.parametrize('b', BATCHES)
+def test_every_chip_computes_its_own_images_only(planned, b):
+    hlo, global_batch = planned['hlo'][b], CHIPS * b
+    shapes, convs, gathers = {}, [], []
+    for line in hlo.splitlines():
+        m = INSTRUCTION.match(line)
+        if m:
+            name, result, opcode, rest = m.groups()
+            shapes[name] = dims(result)
+            if opcode == 'convolution':
+                convs.append((dims(result), re.findall(r'%([\w.\-]+)', rest.split(')')[0])))
+            if opcode.startswith('all-gather'):
+                gathers.append(dims(result))
+    all_dims = [d for ds in shapes.values() for shape in ds for d in shape]
+    assert global_batch not in all_dims, 'a tensor of the global batch on one chip'
+    assert all(global_batch not in shape for g in gathers for shape in g)
+    assert len(convs) >= 3 * 4  # stem + 3 blocks × (1×1, 3×3, 1×1, shortcut), and gradients
+    for result, operands in convs:
+        lhs = shapes[operands[0]]
+        # forward and input-gradient convolutions output b images; weight gradients read them
+        assert any(b in shape for shape in result + lhs), (result, lhs)
+
+
+def test_refused_program_reports_what_it_needs():
+    devices = tpus.slice_devices(tpus.parse_slice('v5e-4'))
+    sharding = NamedSharding(Mesh(np.asarray(devices), ('data',)), P('data'))
+    rows = 6 * 2**30 // 4 // 1024  # 6 GiB of float32 per chip in, three times that out
+    x = jax.ShapeDtypeStruct((CHIPS * rows, 1024), jnp.float32, sharding=sharding)
+    f = jax.jit(lambda x: (jnp.sin(x), jnp.cos(x), jnp.exp(x)), out_shardings=sharding)
+    with pytest.raises(jax.errors.JaxRuntimeError) as e:
+        f.lower(x).compile()
+    assert plan.refused_bytes(e.value) == pytest.approx(4 * 6 * 2**30, rel=0.01)
+    assert plan.refused_bytes(ValueError('RESOURCE_EXHAUSTED: something else')) is None
+
+
+def test_largest_fitting_batch_with_few_measurements():
+    for fixed, per_image, first in [(3e9, 0.05e9, 32), (0.3e9, 0.11e9, 128), (1e9, 1e6, 1)]:
+        capacity = 16 * 2**30
+        memory = [fixed + per_image * b + 4e6 * (b % 8) for b in range(0, 40000)]
+        truth = max(b for b in range(1, len(memory)) if memory[b] <= capacity)
+        calls = []
+
+        def measure(b):
+            calls.append(b)
+            return memory[b], memory[b] <= capacity
+
+        b, points = plan.largest_fitting(measure, capacity, {first: measure(first)})
+        assert b == truth
+        assert points[b][1] and not points[b + 1][1]
+        assert len(calls) - 1 <= 6, calls
+
+
+def test_slice_names_give_libtpu_devices():
+    for name, chips, kind in [('v4-8', 4, 'TPU v4'), ('v4-32', 16, 'TPU v4'),
+                              ('v5p-8', 4, 'TPU v5'), ('v5e-8', 8, 'TPU v5 lite'),
+                              ('v5litepod-8', 8, 'TPU v5 lite'), ('v6e-4', 4, 'TPU v6 lite')]:
+        s = tpus.parse_slice(name)
+        devices = tpus.slice_devices(s)
+        assert s.num_chips == len(devices) == chips, name
+        assert {d.device_kind for d in devices} == {kind} == {s.chip.device_kind}, name
+    two = tpus.slice_devices(tpus.parse_slice('v5e-4', num_slices=2))
+    assert len(two) == 2 * CHIPS and len({d.slice_index for d in two}) == 2
+
+
+def run_cli(*args, prelude=''):
+    code = (f'{prelude}import sys; from absl import app; from resnext_jax import plan; '
+            f'plan.define_flags(); app.run(plan.main, argv=["plan", *{list(args)!r}])')
+    return subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize('args, prelude, message', [
+    (['--config=configs/paper.py:table3_resnext50_32x4d', '--topology=v5e-7'], '', "unknown TPU topology 'v5e-7'; known: v4-{8,"),
+    (['--config=configs/quickstart.py', '--topology=v4-8', '--config.batch_size=66'], '',
+     'batch_size 66 is not divisible by the 4 chips of v4-8'),
+    (['--config=configs/quickstart.py', '--topology=v5e-8'], 'sys.modules["libtpu"] = None; ',
+     "libtpu is not installed: pip install -e '.[tpu]'"),
+])
+def test_bad_input_is_one_error_line(args, prelude, message):
+    p = run_cli(*args, prelude=prelude)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+    assert p.stderr.startswith('error: ') and message in p.stderr, p.stderr
+
+
+def test_command_prints_one_json_object(tmp_path):
+    config_file = tmp_path / 'tiny.py'
+    config_file.write_text(f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
+                           'from test_plan import tiny_config as get_config\n')
+    p = run_cli(f'--config={config_file}', '--topology=v5e-4', '--eval', '--json')
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout)
+    assert result['per_chip_batch'] * CHIPS == result['global_batch'] == CHIPS * BATCHES[0]
+    assert result['hbm_capacity_bytes'] == 16 * 2**30 and result['fits'] is True
+    assert result['flops_per_chip'] > 0 and result['hbm_bytes_per_chip'] > 0
+    assert result['eval']['step'] == 'eval'
+    # evaluation: forward only, so fewer FLOPs per image than training
+    assert 0 < result['eval']['flops_per_image'] < result['flops_per_image']
+    assert 'compiler estimates' in p.stderr.lower()
+    assert math.isfinite(result['bound_images_per_sec_per_chip'])
