@@ -10,20 +10,55 @@ processes find each other by themselves; elsewhere pass the three multi-process 
 """
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file(
-    'config', os.path.join(HERE, 'configs', 'quickstart.py'), 'Training recipe (a configs/ file).')
+
+
+def flag_error(e):
+    """A bad flag as one `error:` line: absl's and ml_collections' errors (a typo'd
+    --config.FIELD, a value of the wrong type, a config file that is missing or raises) carry
+    multi-line messages, some with a traceback inside."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    text = ' '.join(lines)
+    message = str(e).encode().decode('unicode_escape')   # a ConfigDict KeyError's text, quoted
+    no_field = re.fullmatch(r"[\"']+([\w.]+)'+(\nDid you mean .*)?[\"']*", message, re.S)
+    if isinstance(e, (AttributeError, KeyError)) and no_field:   # a typo'd --config.FIELD
+        field = no_field.group(1)
+        flag = next((a.split('=')[0].lstrip('-') for a in sys.argv if re.fullmatch(
+            rf'--?(no)?config\.([\w.]+\.)?{re.escape(field)}(=.*)?', a)), f'config.{field}')
+        close = re.search(r'Did you mean "(\w+)"', message)
+        hint = (f'did you mean --{flag[:-len(field)]}{close.group(1)}?' if close else
+                'configs/default.py declares every field')
+        return f'error: --{flag}: the config has no such field; {hint}'
+    if 'Traceback (most recent call last):' in lines:   # the config file's get_config raised
+        flag = lines[0].split(': Error whilst parsing')[0]
+        return f'error: {flag}: {re.sub(r"^[A-Za-z_.]+: ", "", lines[-1])}'
+    if isinstance(e, OSError):   # ml_collections could not load the config file
+        errno = re.search(r'\[Errno \d+\] (.*)$', text)
+        return (f'error: cannot load the --config file ({errno.group(1) if errno else text}); '
+                'pass --config=configs/NAME.py')
+    return f'error: {text.rstrip(".")}; python train.py --helpfull describes every flag'
+
+
+FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError)
+try:   # with no --config on the command line, the default recipe and its overrides load now
+    config_flags.DEFINE_config_file(
+        'config', os.path.join(HERE, 'configs', 'quickstart.py'),
+        'Training recipe (a configs/ file).')
+except FLAG_ERRORS as e:
+    sys.exit(flag_error(e))
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard files.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved at a preemption notice; re-run to resume
 
 
 class _OwnInfoOnly(pylogging.Filter):
@@ -35,21 +70,38 @@ class _OwnInfoOnly(pylogging.Filter):
             record.pathname == __file__)
 
 
-def main(argv):
+def parse_flags(argv):
+    """absl's flag parsing with each bad flag as one `error:` line (see `flag_error`)."""
+    try:
+        argv = FLAGS(argv)
+        FLAGS.config.keys()   # a config file that failed to load raises only when used
+    except FLAG_ERRORS as e:
+        sys.exit(flag_error(e))
     if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+        sys.exit(f'error: unexpected arguments {" ".join(argv[1:])!r}: flags are written '
+                 '--name=value, config fields --config.FIELD=value')
+    return argv
+
+
+def main(argv):
+    del argv   # parse_flags refused positional arguments
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    from resnext_jax import parallel, train  # after flags: JAX starts only now
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info('config:\n%s', FLAGS.config)
+    from resnext_jax import checkpoint, parallel, train, validate  # after flags: JAX starts now
     try:
+        validate.check_config(FLAGS.config)
+        validate.check_workdir(FLAGS.workdir)
+        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        logging.info('config:\n%s', FLAGS.config)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f'error: {e}')
+    except checkpoint.Preempted as e:  # saved: the scheduler may restart the same command
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except (ValueError, OSError, FloatingPointError) as e:   # OSError: FileNotFoundError, …
+        sys.exit(f'error: {" ".join(str(e).split())}')
 
 
 if __name__ == '__main__':
     from resnext_jax import runtime
     runtime.prepare_process()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -32,8 +32,12 @@ def get_config():
     c.augment = 'imagenet'         # 'imagenet', 'cifar' or 'none'
     c.color_jitter = 0.0           # brightness/contrast/saturation ± this, random order
     c.pca_lighting = 0.0           # std of the PCA lighting noise (official code: 0.1)
+    c.mean = config_dict.placeholder(tuple)  # RGB mean, 0..255 units; None: per dataset
+    c.std = config_dict.placeholder(tuple)   # RGB std; None: per dataset (resnext_jax.data)
+    c.crop_padding = config_dict.placeholder(int)  # 'cifar' augment padding; None: size // 8
     c.shuffle_buffer = 16_384
     c.seed = 0
+    c.skip_corrupt_images = False  # unreadable images: False stops the run, True skips them
 
     # Optimisation.
     c.batch_size = 256             # global, over all devices of all processes

@@ -34,10 +34,12 @@ from resnext_jax import parallel
 from resnext_jax.aggregated import FORMS, block_diagonal, conv, resolve_form, sliced_conv
 from resnext_jax.models import create_model, model_spec
 from resnext_jax.summary import macs_by_scope
+from resnext_jax.tpus import CHIPS as TPU_CHIPS
 
-# Dense bf16 peak of accelerators we know, for model FLOP utilisation (FLOP/s, 2 per MAC).
-PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12,
-                   'TPU v5 lite': 197e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12}
+# Dense bf16 peak of accelerators we know, for model FLOP utilisation (FLOP/s, 2 per MAC);
+# the TPUs' with their sources in resnext_jax.tpus.
+PEAK_BF16_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12,
+                   **{c.device_kind: c.peak_bf16_flops for c in TPU_CHIPS.values()}}
 
 
 @dataclasses.dataclass

@@ -89,11 +89,13 @@ class Checkpoints:
         unreadable = []
         for step in steps:
             try:
-                saved = self._restore(step, meta=ocp.args.JsonRestore())['meta']
-                _check_match(saved, meta, f'the checkpoint at step {step} in {self.directory}')
-                _check_tree(self._manager.item_metadata(step)['state'].tree, abstract,
-                            f'the checkpoint at step {step} in {self.directory}')
-                state = self._restore(step, state=ocp.args.StandardRestore(target))['state']
+                what = f'the checkpoint at step {step} in {self.directory}'
+                _check_match(_read(self._manager.restore, step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))['meta'], meta, what)
+                _check_tree(_read(lambda: self._manager.item_metadata(step)['state'].tree),
+                            abstract, what)
+                state = _read(self._manager.restore, step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))['state']
                 if not bool(all_finite(state)):
                     raise _Unreadable('it holds non-finite numbers')
             except _Unreadable as e:
@@ -112,16 +114,6 @@ class Checkpoints:
                 f'{", ".join(map(str, unreadable))} are damaged (moved aside as '
                 '<step>.unreadable); use a new --workdir, or restore a copy of the checkpoints')
         return None, 0
-
-    def _restore(self, step, **items):
-        try:
-            return self._manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:
-            if 'does not fit' in str(e) or 'but the config says' in str(e):
-                raise
-            raise _Unreadable(_first_line(e)) from None
-        except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
-            raise _Unreadable(_first_line(e)) from None
 
     def _set_aside(self, steps):
         if steps and jax.process_index() == 0:
@@ -174,9 +166,20 @@ class _Unreadable(Exception):
     pass
 
 
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
+def _read(fn, *args, **kwargs):
+    """fn(...), any failure of which means damaged files (orbax and tensorstore raise many
+    kinds: ValueError, OSError, RuntimeError, ...)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        raise _Unreadable(_first_line(e)) from None
+
+
+def _first_line(e, limit=160):
+    """'Type: the first line of the message', at most `limit` characters."""
+    text = (str(e).strip().splitlines() or [''])[0].split(' See full TensorStore')[0]
+    text = text if len(text) <= limit else text[:limit - 1] + '…'
+    return f'{type(e).__name__}: {text}'.rstrip(': ')
 
 
 def _save_error(step, directory, e):

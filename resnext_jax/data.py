@@ -10,15 +10,25 @@ P = 1 batch, and resuming at step k just skips k·b·P integers. Large TFDS data
 process i reads `even_splits(split, P)[i]`, shuffles with a buffer, and is deterministic for a
 fixed P. Eval: process i takes examples i, i+P, i+2P, … then mask-0 padding, so every process
 yields `num_eval_batches` batches. Pixels are in 0..255 until normalised by (x - mean) / std.
+
+Encoded images (folders, TFDS sets of mixed sizes) are decoded as they are read, never all up
+front. An unreadable one (not an image, truncated) stops the stream with a `ValueError` naming
+it, or with `skip_corrupt_images` is skipped with a logged warning: in training its place in
+the stream goes to the next readable example of the split (by index), so the stream stays the
+same for any process count and on resume; in evaluation it is masked out like padding. It is
+found when TensorFlow fails on a batch: that batch's examples (the index stream says which)
+are decoded one by one, and the stream is rebuilt from that batch on (`_guarded`).
 """
 import dataclasses
 import math
 import os
+import re
 from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
     tf.config.set_visible_devices([], 'GPU')
@@ -62,6 +72,7 @@ class ArraySource:
         self.num_train, self.num_eval = len(self.train[1]), len(self.eval[1])
 
     def _check(self, part, images, labels):
+        """(images, labels) as arrays; float pixels must be finite."""
         images, labels = np.asarray(images), np.asarray(labels)
         if len(images) != len(labels) or labels.ndim != 1:
             raise ValueError(f'{part}: {len(images)} images but labels of shape {labels.shape}; '
@@ -73,7 +84,13 @@ class ArraySource:
             raise ValueError(f'{part} images have shape {images.shape}; expected (N, H, W, C) '
                              'with C = 1 or 3')
         if self.encoding is None and images.dtype != np.uint8:
-            images = images.astype(np.float32)  # float images are taken to be in 0..255
+            with np.errstate(over='ignore'):   # too large for float32: inf, refused below
+                images = images.astype(np.float32)  # float images are taken to be in 0..255
+            bad = ~np.isfinite(images).reshape(len(images), -1).all(1)
+            if bad.any():
+                raise ValueError(f'{part} images: {bad.sum()} of {len(images)} have NaN or '
+                                 f'infinite pixels (the first is image {np.argmax(bad)}); '
+                                 'replace those pixels or drop those images')
         return images, labels.astype(np.int32)
 
 
@@ -83,6 +100,11 @@ class EncodedSource(ArraySource):
     def __init__(self, encoding, *args):
         self.encoding = encoding
         super().__init__(*args)
+        self.unreadable = {'train': {}, 'eval': {}}   # example index → why, once found
+
+    def name(self, part, index):
+        """A file's path, or for encoded bytes '#' and the example's position in its split."""
+        return getattr(self, part)[0][index] if self.encoding == 'file' else f'#{index}'
 
 
 class TfdsSource:
@@ -118,6 +140,9 @@ def _digits(config):
 def _folder(root, config):
     """root/<split>/<class>/*.jpg|jpeg|png; classes = sorted subfolders of the train split."""
     splits = [config.get('train_split', 'train'), config.get('eval_split', 'test')]
+    if not tf.io.gfile.isdir(root):
+        raise ValueError(f'image folder {root} does not exist: fix --config.dataset '
+                         "('folder:/path/to/root' with root/<split>/<class>/*.jpg)")
     classes, parts = None, []
     for split in splits:
         path = os.path.join(root, split)
@@ -133,6 +158,12 @@ def _folder(root, config):
                 raise ValueError(f'class folder {path}/{name} is not among the train classes')
             names = sorted(f for f in tf.io.gfile.listdir(os.path.join(path, name))
                            if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not names and split == splits[0]:   # the train split's folders are the classes
+                raise ValueError(f'class folder {path}/{name} has no {"/".join(IMAGE_EXTENSIONS)} '
+                                 'images: add its images or remove the folder')
+            if not names:   # the class exists (from the train split); it is just not evaluated
+                logging.warning('class folder %s/%s has no images: the %s split has no '
+                                'examples of class %s', path, name, split, name)
             files += [os.path.join(path, name, f) for f in names]
             labels += [classes.index(name)] * len(names)
         if not files:
@@ -292,7 +323,8 @@ def _preprocess_fn(config, train, encoding):
     jitter, lighting = config.get('color_jitter', 0.0), config.get('pca_lighting', 0.0)
     if augment not in AUGMENTS:
         raise ValueError(f"augment '{augment}' is not one of {AUGMENTS}: fix --config.augment")
-    pad = config.get('crop_padding', size // 8)
+    pad = config.get('crop_padding', None)
+    pad = size // 8 if pad is None else pad
     base = config.dataset.split(':')[0].split('/')[0]
     mean, std = NORMALISATION.get(base, (IMAGENET_MEAN, IMAGENET_STD))
     mean = tf.constant(config.get('mean', None) or mean, tf.float32)
@@ -363,17 +395,35 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
             lambda i, ex: {'image': preprocess(ex['image'], tf.stack(
                 [tf.constant(seed, tf.int64), i * process_count + process_index])),
                 'label': tf.cast(ex['label'], tf.int32)}, num_parallel_calls=auto)
-    else:
-        images, labels = (tf.constant(a) for a in source.train)
-        lo = process_index * b
-        ds = _index_stream(source.num_train, seed, start_step * b * process_count)
-        ds = ds.batch(b * process_count).map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
-        ds = ds.unbatch().map(
-            lambda p, i: {'image': preprocess(tf.gather(images, i), tf.stack(
-                [tf.constant(seed, tf.int64), p])), 'label': tf.gather(labels, i)},
-            num_parallel_calls=auto)
-    ds = ds.batch(b, drop_remainder=True).prefetch(auto).with_options(_options())
-    return ds.as_numpy_iterator()
+        return _batched(ds, b).as_numpy_iterator()
+    images, labels = (tf.constant(a) for a in source.train)
+    lo = process_index * b
+
+    def positions(step):   # (stream position, example index) of this process's batch `step`
+        ds = _index_stream(source.num_train, seed, step * b * process_count)
+        return ds.batch(b * process_count).map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
+
+    def example(p, i):
+        return preprocess(tf.gather(images, i), tf.stack([tf.constant(seed, tf.int64), p]))
+
+    def batches(step, unreadable):
+        ds = positions(step).unbatch()
+        if unreadable:   # each unreadable example's place goes to the next readable one
+            remap = tf.constant(_next_readable(source.num_train, unreadable))
+            ds = ds.map(lambda p, i: (p, tf.gather(remap, i)))
+        ds = ds.map(lambda p, i: {'image': example(p, i), 'label': tf.gather(labels, i)},
+                    num_parallel_calls=auto)
+        return _batched(ds, b).as_numpy_iterator()
+
+    def batch_examples(step, unreadable):
+        p, i = next(iter(positions(step)))
+        if unreadable:
+            i = _next_readable(source.num_train, unreadable)[i.numpy()]
+        return [(int(k), lambda p=p_, k=k: example(p, k)) for p_, k in zip(p, i)]
+
+    if source.encoding is None:   # decoded pixels: nothing to fail on
+        return batches(start_step, {})
+    return _guarded(source, 'train', config, batches, batch_examples, start_step)
 
 
 def eval_batches(config, batch_size, *, process_index=0, process_count=1,
@@ -383,22 +433,108 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
     source = source or make_source(config)
     preprocess = _preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'))
     no_seed = tf.zeros([2], tf.int64)
-    if isinstance(source, TfdsSource):
-        split = tfds.even_splits(source.eval_split, n=process_count,
-                                 drop_remainder=False)[process_index]
-        ds = source.read(split).map(lambda ex: (ex['image'], ex['label']))
-    else:
-        images, labels = source.eval
-        ds = tf.data.Dataset.from_tensor_slices(
-            np.arange(process_index, len(labels), process_count, dtype=np.int64))
-        images, labels = tf.constant(images), tf.constant(labels)
-        ds = ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
-    ds = ds.map(lambda x, y: {'image': preprocess(x, no_seed), 'label': tf.cast(y, tf.int32),
-                              'mask': tf.constant(1.0)}, num_parallel_calls=tf.data.AUTOTUNE)
     size = config.get('eval_image_size', None) or config.image_size
     padding = {'image': tf.zeros([size, size, 3]), 'label': tf.constant(0),
                'mask': tf.constant(0.0)}
     num_batches = num_eval_batches(source.num_eval, batch_size, process_count)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-    ds = ds.take(num_batches * batch_size).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options()).as_numpy_iterator()
+
+    def finish(ds, first_batch=0):   # padded to num_batches full batches
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+        ds = ds.take((num_batches - first_batch) * batch_size)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+    def example(image, label, readable=None):   # readable: a bool tensor, None for always
+        if readable is None:
+            return {'image': preprocess(image, no_seed), 'label': tf.cast(label, tf.int32),
+                    'mask': tf.constant(1.0)}
+        return {'image': tf.cond(readable, lambda: preprocess(image, no_seed),
+                                 lambda: padding['image']),
+                'label': tf.cast(label, tf.int32), 'mask': tf.cast(readable, tf.float32)}
+
+    if isinstance(source, TfdsSource):
+        split = tfds.even_splits(source.eval_split, n=process_count,
+                                 drop_remainder=False)[process_index]
+        ds = source.read(split).map(lambda ex: example(ex['image'], ex['label']),
+                                    num_parallel_calls=tf.data.AUTOTUNE)
+        return finish(ds).as_numpy_iterator()
+    local = np.arange(process_index, source.num_eval, process_count, dtype=np.int64)
+    images, labels = (tf.constant(a) for a in source.eval)
+
+    def batches(first, unreadable):
+        ds = tf.data.Dataset.from_tensor_slices(local[first * batch_size:])
+        if not unreadable:
+            ds = ds.map(lambda i: example(tf.gather(images, i), tf.gather(labels, i)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        else:   # unreadable examples are masked out like padding
+            readable = tf.constant(~np.isin(np.arange(source.num_eval), list(unreadable)))
+            ds = ds.map(lambda i: example(tf.gather(images, i), tf.gather(labels, i),
+                                          tf.gather(readable, i)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return finish(ds, first).as_numpy_iterator()
+
+    def batch_examples(k, unreadable):
+        return [(int(i), lambda i=i: preprocess(images[i], no_seed))
+                for i in local[k * batch_size:(k + 1) * batch_size] if i not in unreadable]
+
+    if source.encoding is None:
+        return batches(0, {})
+    return _guarded(source, 'eval', config, batches, batch_examples, 0)
+
+
+def _batched(ds, b):
+    return ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _next_readable(n, unreadable):
+    """Example index → itself, or for an unreadable one the next readable index (cyclically)."""
+    readable = np.setdiff1d(np.arange(n), list(unreadable))
+    return readable[np.searchsorted(readable, np.arange(n)) % len(readable)]
+
+
+def _guarded(source, part, config, batches, batch_examples, first):
+    """`batches(k, unreadable)`'s batches from batch k = `first` on. When TensorFlow fails on
+    batch k, the examples of that batch (`batch_examples(k, unreadable)`: [(index, decode)])
+    are decoded one at a time; the unreadable ones raise ValueError, or with
+    `skip_corrupt_images` join `source.unreadable[part]` and the stream restarts at batch k."""
+    unreadable = source.unreadable[part]
+    skip = config.get('skip_corrupt_images', False)
+    k, iterator = first, batches(first, unreadable)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            found = {}
+            for index, decode in batch_examples(k, unreadable):
+                try:
+                    decode()
+                except tf.errors.OpError as why:
+                    found[index] = _reason(why)
+            if not found:
+                raise ValueError(f'reading {part} batch {k} failed: {_reason(e)}; check the '
+                                 'files of --config.dataset') from None
+            index, why = next(iter(found.items()))
+            if not skip:
+                raise ValueError(
+                    f'cannot decode {part} image {source.name(part, index)} ({why}): replace or '
+                    'remove it, or set --config.skip_corrupt_images=True to skip unreadable '
+                    'images') from None
+            for index, why in found.items():
+                unreadable[index] = why
+                logging.warning('skipping unreadable %s image %s (%s): %d skipped so far',
+                                part, source.name(part, index), why, len(unreadable))
+            if len(unreadable) == len(getattr(source, part)[1]):
+                raise ValueError(f'no {part} image can be decoded (e.g. '
+                                 f'{source.name(part, index)}: {why}); check --config.dataset')
+            iterator = batches(k, unreadable)
+            continue
+        k += 1
+        yield batch
+
+
+def _reason(error):
+    """TensorFlow's message without its op and function decorations, on one line."""
+    text = re.sub(r'\{\{function_node [^}]*\}\}\s*|\s*(\[Op:|\[\[).*', '', error.message,
+                  flags=re.S)
+    return ' '.join(text.split()) or type(error).__name__

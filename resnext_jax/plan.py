@@ -4,7 +4,7 @@
         --config.dtype=bfloat16 [--form=all] [--max-batch] [--eval] [--json] [--num-slices=2]
 
 libtpu (`pip install -e '.[tpu]'`) compiles the steps train.py runs (`train.make_steps`, the
-state placed by `parallel.state_shardings` with the config's `fsdp`, the global batch
+state placed by `parallel.state_shardings` with the config's `fsdp` settings, the global batch
 `config.batch_size` split over 'data' on a one-axis mesh of every chip of the slice) for the
 slice's chips (`resnext_jax.tpus`). The compiled program tells, per chip:
 
@@ -32,6 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from resnext_jax import tpus
+
 
 def define_flags():
     """The command's flags; `python -m resnext_jax.plan` defines them before parsing."""
@@ -100,7 +101,8 @@ def compile_step(config, mesh, num_classes, global_batch, step=TRAIN):
     tx = train.create_optimizer(
         config, train.learning_rate_schedule(config, STEPS_PER_EPOCH, STEPS_PER_EPOCH * 90))
     abstract = jax.eval_shape(train.make_init(config, model, tx), jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp)
+    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp,
+                                         min_size=config.fsdp_min_size)  # as train.py's
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)
@@ -151,7 +153,9 @@ def plan_step(config, tpu_slice, mesh, num_classes, *, step=TRAIN, per_chip_batc
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)
     passes = 3 * 2 if step == TRAIN else 2  # FLOPs per multiply-add: forward 2, backward 4
     row = {'topology': tpu_slice.name, 'num_slices': tpu_slice.num_slices,
-           'chip': chip.device_kind, 'num_chips': tpu_slice.num_chips, 'step': step,
+           'chip': chip.device_kind, 'num_chips': tpu_slice.num_chips,
+           'chip_peak_bf16_flops': chip.peak_bf16_flops,
+           'chip_hbm_bytes_per_sec': chip.hbm_bytes_per_sec, 'step': step,
            'model': config.model, 'form': config.form, 'dtype': config.dtype,
            'fsdp': bool(config.fsdp), 'image_size': size, 'per_chip_batch': b,
            'global_batch': b * tpu_slice.num_chips, 'hbm_capacity_bytes': capacity,
@@ -185,26 +189,36 @@ def largest_fitting(measure, capacity, known, max_measures=12):
     """The largest batch b ≥ 1 whose `measure(b)` = (bytes, fits) fits, and every measurement.
 
     `known` maps batches already measured to (bytes, fits). Memory grows about linearly with
-    the batch, so each next batch is where the line through the two measurements nearest the
-    boundary reaches `capacity`, kept strictly between the largest batch that fits and the
-    smallest that does not; the search ends when those two are adjacent. One measurement alone
-    gives the line through it and zero bytes at batch zero.
+    the batch, so each next batch is where a line reaches `capacity`: the line through the two
+    measurements nearest the boundary (one alone: through it and zero bytes at batch zero),
+    then, once batches on both sides are known, the line through the largest batch that fits
+    and the smallest that does not, and strictly between them; the search ends when those two
+    are adjacent. Where memory grows in steps and the line keeps landing on one side, the
+    other end's distance from `capacity` is halved each time (the Illinois rule).
     """
-    points = dict(known)
+    points, damp, last = dict(known), {True: 1.0, False: 1.0}, None
     for _ in range(max_measures):
         lo = max((b for b, (_, ok) in points.items() if ok), default=0)
         hi = min((b for b, (_, ok) in points.items() if not ok), default=math.inf)
         if hi <= lo + 1:
             return lo, points
         sized = {b: m for b, (m, _) in points.items() if m is not None}
-        ends = [b for b in (lo, hi) if b in sized]
-        b1, b2 = (ends + sorted((b for b in sized if b not in ends),
-                                key=lambda b: abs(sized[b] - capacity)) + [0])[:2]
-        m1, m2 = sized[b1], sized.get(b2, 0)
+        if lo in sized and hi in sized:
+            (b1, m1), (b2, m2) = ((lo, capacity - (capacity - sized[lo]) * damp[True]),
+                                  (hi, capacity + (sized[hi] - capacity) * damp[False]))
+        else:
+            b1, b2 = (sorted(sized, key=lambda b: abs(sized[b] - capacity)) + [0])[:2]
+            m1, m2 = sized[b1], sized.get(b2, 0)
         slope = (m1 - m2) / (b1 - b2)
         guess = math.floor(b1 + (capacity - m1) / slope) if slope > 0 else 2 * max(lo, 1)
-        guess = min(max(guess, lo + 1), hi - 1, 4 * max(points))
+        guess = min(max(guess, lo + 1), hi - 1, 16 * max(points))
         points[guess] = measure(guess)
+        ok = points[guess][1]
+        if hi < math.inf and last is ok:  # the same end moved twice: pull the line to the other
+            damp[not ok] /= 2
+        else:
+            damp = {True: 1.0, False: 1.0}
+        last = ok if hi < math.inf else None
     raise RuntimeError(f'no answer after {max_measures} compiles: {points}')
 
 
@@ -217,7 +231,6 @@ def _gib(n):
 
 
 def format_row(r):
-    chip = tpus.CHIPS[next(k for k, c in tpus.CHIPS.items() if c.device_kind == r['chip'])]
     lines = [f"{r['step']} step, form {r['form']}: {r['global_batch']} images = "
              f"{r['per_chip_batch']} per chip of {r['image_size']}×{r['image_size']}"]
     if r['flops_per_chip'] is None:
@@ -231,15 +244,16 @@ def format_row(r):
         f" {_gib(r['hbm_temporaries_bytes'])} + program {_gib(r['hbm_program_bytes'])}",
         f"           = {_gib(r['hbm_bytes_per_chip'])} of {_gib(r['hbm_capacity_bytes'])}: "
         f"{verdict} ({100 * r['hbm_bytes_per_chip'] / r['hbm_capacity_bytes']:.0f} %)",
-        f"  FLOPs    {r['flops_per_chip']:.3e} per chip = {r['flops_per_image'] / 1e9:.2f} "
-        f"GFLOP/image; the model: {r['model_flops_per_image'] / 1e9:.2f} GFLOP/image "
+        f"  FLOPs    {r['flops_per_chip']:.3e} per chip = {r['flops_per_image'] / 1e9:.4g} "
+        f"GFLOP/image; the model: {r['model_flops_per_image'] / 1e9:.4g} GFLOP/image "
         f"({'3 × 2' if r['step'] == TRAIN else '2'} × multiply-adds)",
         f"  bytes    {r['bytes_accessed_per_chip']:.3e} accessed per chip",
-        f"  bound    max({1e3 * r['compute_seconds']:.1f} ms compute at "
-        f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s, {1e3 * r['memory_seconds']:.1f} ms "
-        f"memory at {chip.hbm_bytes_per_sec / 1e9:.0f} GB/s) = {1e3 * r['bound_seconds']:.1f}"
+        f"  bound    max({1e3 * r['compute_seconds']:.3g} ms compute at "
+        f"{r['chip_peak_bf16_flops'] / 1e12:.0f} TFLOP/s, {1e3 * r['memory_seconds']:.3g} ms"
+        f" memory at {r['chip_hbm_bytes_per_sec'] / 1e9:.0f} GB/s) = "
+        f"{1e3 * r['bound_seconds']:.3g}"
         f" ms/step → ≤ {r['bound_images_per_sec_per_chip']:.0f} img/s per chip, "
-        f"MFU ≤ {100 * r['bound_mfu']:.0f} %",
+        f"MFU ≤ {100 * r['bound_mfu']:.2g} %",
         f"  compiled in {r['compile_seconds']:.0f} s"])
 
 

@@ -1,0 +1,210 @@
+"""Runs that survive a pod: no non-finite checkpoint, preemption is a save, damaged checkpoints
+are passed over, mismatched ones refused, one run per workdir. Every test ends by checking
+that what was restorable before still is, and is finite."""
+import errno
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from resnext_jax import checkpoint, train
+from test_train import REPO, assert_trees_close, read_metrics, tiny_config
+
+
+def steps_in(workdir):
+    return sorted(int(p) for p in os.listdir(os.path.join(workdir, 'checkpoints'))
+                  if p.isdigit())
+
+
+def assert_restorable_and_finite(workdir, steps):
+    for step in steps:
+        state, meta = checkpoint.load_checkpoint(workdir, step)
+        assert meta['step'] == step
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+
+
+# ------------------------------------------------------------------------------ divergence
+
+def test_a_diverged_state_is_never_saved(tmp_path):
+    """The loss is not looked at before the save (log_every_steps=100): the state check alone
+    must stop the save of the step-6 state, whose weights are infinite after step 5."""
+    train.train_and_evaluate(tiny_config(num_train_steps=4), tmp_path)
+    assert steps_in(tmp_path) == [2, 4]
+    with pytest.raises(FloatingPointError, match=(
+            r'^the training state is not finite at step 6 \(the run diverged\) and is not '
+            r'saved: the newest finite checkpoint is step 4 in .*checkpoints; lower '
+            r'--config.learning_rate and re-run to resume from it$')):
+        train.train_and_evaluate(tiny_config(num_train_steps=8, learning_rate=float('inf'),
+                                             log_every_steps=100), tmp_path)
+    assert steps_in(tmp_path) == [2, 4]
+    assert_restorable_and_finite(tmp_path, [2, 4])
+
+    with pytest.raises(FloatingPointError, match='no checkpoint was saved in .*; lower '
+                                                 '--config.learning_rate and start again'):
+        train.train_and_evaluate(tiny_config(learning_rate=float('inf'), log_every_steps=100),
+                                 tmp_path / 'fresh')
+    assert steps_in(tmp_path / 'fresh') == []
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+
+def truncate_data_files(step_dir):
+    for root, _, names in os.walk(step_dir / 'state'):
+        if os.path.basename(root) == 'd':
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, 'r+b') as f:
+                    f.truncate(os.path.getsize(path) // 2)
+
+
+def remove(*parts):
+    def damage(step_dir):
+        os.remove(os.path.join(step_dir, *parts))
+    return damage
+
+
+@pytest.mark.parametrize('damage', [remove('state', 'manifest.ocdbt'),
+                                    remove('state', '_METADATA')],
+                         ids=['no-manifest', 'no-state-metadata'])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, damage,
+                                                                           caplog):
+    config = tiny_config(num_train_steps=6, eval_every_epochs=100.0)
+    full = train.train_and_evaluate(config, tmp_path / 'full')
+    train.train_and_evaluate(tiny_config(num_train_steps=4), tmp_path / 'run')
+    damage(tmp_path / 'run' / 'checkpoints' / '4')
+    with caplog.at_level(logging.INFO):
+        resumed = train.train_and_evaluate(config, tmp_path / 'run')
+    assert f'checkpoint {tmp_path / "run" / "checkpoints"}/4 is unreadable (' in caplog.text
+    assert resumed == full
+    assert read_metrics(tmp_path / 'run') == read_metrics(tmp_path / 'full')
+    assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '4.unreadable')   # kept, not deleted
+    assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'run')[0],
+                       checkpoint.load_checkpoint(tmp_path / 'full')[0])
+
+
+def test_truncated_data_files_are_found_by_a_restarted_run(tmp_path):
+    """A fresh process (as after a crash): in the process that wrote the checkpoint, TensorStore
+    may serve the data from its cache."""
+    config_file = tiny_config_file(tmp_path, 'num_train_steps=6')
+    train.train_and_evaluate(tiny_config(num_train_steps=4), tmp_path / 'run')
+    truncate_data_files(tmp_path / 'run' / 'checkpoints' / '4')
+    proc = run_cli(tmp_path / 'run', f'--config={config_file}')
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert f'checkpoint {tmp_path / "run" / "checkpoints"}/4 is unreadable (' in stderr
+    assert 'resumed from' in stderr and 'at step 2' in stderr
+    assert steps_in(tmp_path / 'run') == [4, 6]
+    assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '4.unreadable')
+    assert_restorable_and_finite(tmp_path / 'run', [4, 6])
+
+
+def test_no_readable_checkpoint_is_one_error(tmp_path):
+    train.train_and_evaluate(tiny_config(num_train_steps=2), tmp_path)
+    remove('state', 'manifest.ocdbt')(tmp_path / 'checkpoints' / '2')
+    with pytest.raises(ValueError, match=r'^no readable checkpoint in .*checkpoints: steps 2 are '
+                                         r'damaged \(moved aside as <step>.unreadable\)'):
+        train.train_and_evaluate(tiny_config(num_train_steps=4), tmp_path)
+    assert os.listdir(tmp_path / 'checkpoints') == ['2.unreadable']
+
+
+# ------------------------------------------------------------------------------ refusals
+
+def test_a_checkpoint_of_other_model_options_is_refused_not_overwritten(tmp_path):
+    train.train_and_evaluate(tiny_config(num_train_steps=2), tmp_path)
+    other = tiny_config(num_train_steps=4)
+    other.model_options['stem_width'] = 16
+    with pytest.raises(ValueError, match=(
+            r"^the checkpoint at step 2 in .* has model_options=.*'stem_width': 8.* but the "
+            r"config says .*'stem_width': 16.*; use a new --workdir or the same setting$")):
+        train.train_and_evaluate(other, tmp_path)
+    assert steps_in(tmp_path) == [2]
+    assert_restorable_and_finite(tmp_path, [2])
+
+
+def test_two_runs_cannot_share_a_workdir(tmp_path):
+    with checkpoint.WorkdirLock(tmp_path):
+        with pytest.raises(ValueError, match=rf'^another run is using {tmp_path} \(pid '
+                                             rf'{os.getpid()} on .* holds .*run.lock\)'):
+            train.train_and_evaluate(tiny_config(num_train_steps=2), tmp_path)
+    assert not os.path.exists(tmp_path / 'metrics.jsonl')
+    train.train_and_evaluate(tiny_config(num_train_steps=2), tmp_path)   # released
+    assert steps_in(tmp_path) == [2]
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path, monkeypatch):
+    train.train_and_evaluate(tiny_config(num_train_steps=2), tmp_path)
+    real_save = ocp.CheckpointManager.save
+
+    def disk_full(self, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full)
+    with pytest.raises(OSError, match=(
+            r'^could not write the checkpoint of step 4 to .*checkpoints \(OSError: \[Errno 28\] '
+            r'No space left on device\); the older checkpoints there are intact')):
+        train.train_and_evaluate(tiny_config(num_train_steps=6), tmp_path)
+    assert steps_in(tmp_path) == [2]
+    assert_restorable_and_finite(tmp_path, [2])
+
+
+# ------------------------------------------------------------------------------ preemption
+
+def tiny_config_file(tmp_path, overrides):
+    path = tmp_path / 'tiny.py'
+    path.write_text(f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
+                    'from test_train import tiny_config\n'
+                    f'def get_config():\n    return tiny_config({overrides})\n')
+    return path
+
+
+def run_cli(workdir, *args):
+    return subprocess.Popen(
+        [sys.executable, 'train.py', f'--workdir={workdir}', *args], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    config_file = tiny_config_file(
+        tmp_path, 'num_train_steps=40, checkpoint_every_steps=100, eval_every_epochs=20 / 89')
+    args = [f'--config={config_file}']
+    uninterrupted = run_cli(tmp_path / 'full', *args)
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-2000:]
+
+    signal_after = random.Random().randint(3, 30)
+    proc = run_cli(tmp_path / 'run', *args)
+    metrics = tmp_path / 'run' / 'metrics.jsonl'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= signal_after:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, (signal_after, stderr[-2000:])
+    assert 'Traceback' not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith('preempted: saved step ') and last.endswith(
+        'run the same command again to resume'), last
+    saved = int(last.split('saved step ')[1].split()[0])
+    assert steps_in(tmp_path / 'run') == [saved] and signal_after <= saved < 40
+    assert_restorable_and_finite(tmp_path / 'run', [saved])
+
+    resumed = run_cli(tmp_path / 'run', *args)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    for split in ('train', 'eval'):
+        assert read_metrics(tmp_path / 'run', split) == read_metrics(tmp_path / 'full', split)
+    assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'run')[0],
+                       checkpoint.load_checkpoint(tmp_path / 'full')[0])
+    shutil.rmtree(tmp_path / 'full')
