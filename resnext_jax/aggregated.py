@@ -18,14 +18,17 @@ and `form` only chooses how they are evaluated, so checkpoints move freely betwe
     'blockdiag'  1×1 → dense 3×3 with a block-diagonal kernel → 1×1
     'sliced'     1×1 → the 3×3 as dense convolutions over channel slices of at least
                  `SLICE_WIDTH` channels (whole groups each; block-diagonal within a slice) → 1×1
-    'auto'       (default) the fastest measured on the backend: 'sliced' on CPU, 'grouped' on
-                 GPU and TPU
+    'auto'       (default) 'sliced' on CPU (measured fastest there), 'grouped' on GPU and
+                 TPU (XLA's native grouped convolution; not measured on them by this project)
 
 Why 'sliced' on CPU: XLA:CPU runs a grouped convolution's forward pass group by group and
 expands the weight gradient (a `batch_group_count` convolution) into a convolution G times
 larger; a 16×56×56, 128-channel, 32-group 3×3 takes 0.37 s forward, 23.6 s forward+backward.
 As 16 dense slices of 8 channels it takes 0.04 s / 0.15 s; as one block-diagonal dense
 convolution 0.12 s / 1.16 s (`python -m resnext_jax.benchmark --layer` measures these).
+
+Under a mesh (`jax.set_mesh`) the 3×3 runs per device on its own images
+(`parallel.per_device`), in every form.
 
 Batch norm and ReLU act on each channel alone, so applying them to the concatenated paths is
 the same as giving each path its own.

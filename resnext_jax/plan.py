@@ -185,6 +185,13 @@ def plan_step(config, tpu_slice, mesh, num_classes, *, step=TRAIN, per_chip_batc
             'compile_seconds': seconds}
 
 
+def batch_step(config, tpu_slice):
+    """The per-chip batches a run accepts are the multiples of this: with `bn_group_size` the
+    global batch must be whole groups."""
+    groups = config.bn_group_size or 1
+    return groups // math.gcd(groups, tpu_slice.num_chips)
+
+
 def largest_fitting(measure, capacity, known, max_measures=12):
     """The largest batch b ≥ 1 whose `measure(b)` = (bytes, fits) fits, and every measurement.
 
@@ -317,15 +324,18 @@ def run(config, tpu_slice, *, num_classes=None, form=None, max_batch=False, eval
                 f"{'fits' if r['fits'] else 'does not fit'}")
             return r['hbm_bytes_per_chip'], r['fits']
 
-        log(f'largest per-chip batch of the train step, form {cfg.form}:')
-        b, points = largest_fitting(
-            measure, chip.hbm_bytes,
-            {first['per_chip_batch']: (first['hbm_bytes_per_chip'], first['fits'])})
+        step = batch_step(cfg, tpu_slice)
+        log(f'largest per-chip batch of the train step, form {cfg.form}, in steps of {step}:')
+        k, points = largest_fitting(
+            lambda k: measure(k * step), chip.hbm_bytes,
+            {first['per_chip_batch'] // step: (first['hbm_bytes_per_chip'], first['fits'])})
+        b = k * step
         result['max_batch'] = {
             'form': cfg.form, 'max_per_chip_batch': b, 'max_global_batch': b * tpu_slice.num_chips,
-            'hbm_bytes_per_chip': points[b][0] if b else None, 'compiles': len(measured),
-            'measured': {str(k): v[0] for k, v in sorted(points.items())}}
-        log(f'  → {b} per chip ({b * tpu_slice.num_chips} global) fits, {b + 1} does not; '
+            'per_chip_batch_step': step, 'hbm_bytes_per_chip': points[k][0] if k else None,
+            'compiles': len(measured),
+            'measured': {str(k * step): v[0] for k, v in sorted(points.items())}}
+        log(f'  → {b} per chip ({b * tpu_slice.num_chips} global) fits, {b + step} does not; '
             f'{len(measured)} compiles beyond the first\n')
     return result
 

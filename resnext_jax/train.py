@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from resnext_jax import checkpoint, data, parallel
+from resnext_jax import checkpoint, data, parallel, validate
 from resnext_jax.metrics import MetricsWriter
 from resnext_jax.models import create_model
 
@@ -163,8 +163,9 @@ def train_and_evaluate(config, workdir, source=None):
     `source` replaces `config.dataset`, e.g. a `resnext_jax.data.ArraySource` of numpy arrays.
     Returns the final evaluation metrics.
     """
+    validate.check_config(config)
     mesh, workdir = parallel.make_mesh(), epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    validate.check_workdir(workdir)   # creates it; one line if it cannot be written
     # The steps trace with the mesh in context (`make_steps`); one run at a time per workdir.
     with jax.set_mesh(mesh), checkpoint.WorkdirLock(workdir):
         return _run(config, workdir, source, mesh)

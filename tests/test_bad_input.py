@@ -151,6 +151,13 @@ def test_image_size_rule_is_what_the_networks_accept(caplog):
     assert "image size 1 is below the network's total stride 32" in caplog.text
 
 
+def test_cli_bad_dtype_is_one_line_before_anything_is_written(tmp_path):
+    out = run_cli(f'--workdir={tmp_path / "run"}', '--config.dtype=bf16')
+    assert_one_error_line(out, "error: dtype 'bf16' is not one of ('float32', 'bfloat16', "
+                               "'float16'): fix --config.dtype")
+    assert not os.path.exists(tmp_path / 'run')
+
+
 # ------------------------------------------------------------------------------ workdir (row 3)
 
 def test_workdir_that_is_a_file_is_one_line_and_the_file_is_kept(tmp_path):

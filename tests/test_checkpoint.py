@@ -43,14 +43,14 @@ def test_a_diverged_state_is_never_saved(tmp_path):
             r'^the training state is not finite at step 6 \(the run diverged\) and is not '
             r'saved: the newest finite checkpoint is step 4 in .*checkpoints; lower '
             r'--config.learning_rate and re-run to resume from it$')):
-        train.train_and_evaluate(tiny_config(num_train_steps=8, learning_rate=float('inf'),
+        train.train_and_evaluate(tiny_config(num_train_steps=8, learning_rate=1e30,
                                              log_every_steps=100), tmp_path)
     assert steps_in(tmp_path) == [2, 4]
     assert_restorable_and_finite(tmp_path, [2, 4])
 
     with pytest.raises(FloatingPointError, match='no checkpoint was saved in .*; lower '
                                                  '--config.learning_rate and start again'):
-        train.train_and_evaluate(tiny_config(learning_rate=float('inf'), log_every_steps=100),
+        train.train_and_evaluate(tiny_config(learning_rate=1e30, log_every_steps=100),
                                  tmp_path / 'fresh')
     assert steps_in(tmp_path / 'fresh') == []
 
