@@ -3,9 +3,9 @@
     v4-8, v4-32, v5p-8, …    the number counts TensorCores, two per chip: v4-8 is 4 chips (2x2x1)
     v5e-8 (v5litepod-8), v6e-8, …   the number counts chips: v5e-8 is 8 chips (2x4)
 
-`slice_devices('v5e-8')` returns the 8 devices of that slice as libtpu describes them, on any
-machine, with no TPU attached: enough to lower and compile a sharded `jax.jit` for the slice
-(`python -m resnext_jax.plan`), not to run it. Needs libtpu (`pip install -e '.[tpu]'`).
+`slice_devices(parse_slice('v5e-8'))` returns the slice's 8 devices as libtpu describes them,
+on any machine, with no TPU attached: enough to lower and compile a sharded `jax.jit` for the
+slice (`python -m resnext_jax.plan`), not to run it. Needs libtpu (`pip install -e '.[tpu]'`).
 """
 import dataclasses
 import importlib.util

@@ -170,6 +170,26 @@ def test_largest_fitting_batch(shape):
             assert len(calls) - 1 <= 5, calls
 
 
+def test_max_batch_steps_are_the_batches_the_model_accepts():
+    from resnext_jax import train
+    tpu_slice = tpus.parse_slice('v5e-4')
+    for groups in (0, 8, 12):
+        config = tiny_config(bn_group_size=groups)
+        model = train.build_model(config, 10)
+        step = plan.batch_step(config, tpu_slice)
+
+        def accepted(per_chip):
+            x = jax.ShapeDtypeStruct((CHIPS * per_chip, 12, 12, 3), jnp.float32)
+            try:
+                jax.eval_shape(lambda x: model.init_with_output(
+                    jax.random.key(0), x, train=True, mutable=True), x)
+                return True
+            except ValueError:
+                return False
+
+        assert [b for b in range(1, 10) if accepted(b)] == list(range(step, 10, step)), groups
+
+
 def test_slice_names_give_libtpu_devices():
     for name, chips, kind in [('v4-8', 4, 'TPU v4'), ('v4-32', 16, 'TPU v4'),
                               ('v5p-8', 4, 'TPU v5'), ('v5e-8', 8, 'TPU v5 lite'),
@@ -191,7 +211,8 @@ def run_cli(*args, prelude=''):
 
 
 @pytest.mark.parametrize('args, prelude, message', [
-    (['--config=configs/paper.py:table3_resnext50_32x4d', '--topology=v5e-7'], '', "unknown TPU topology 'v5e-7'; known: v4-{8,"),
+    (['--config=configs/paper.py:table3_resnext50_32x4d', '--topology=v5e-7'], '',
+     "unknown TPU topology 'v5e-7'; known: v4-{8,"),
     (['--config=configs/quickstart.py', '--topology=v4-8', '--config.batch_size=66'], '',
      'batch_size 66 is not divisible by the 4 chips of v4-8'),
     (['--config=configs/quickstart.py', '--topology=v5e-8'], 'sys.modules["libtpu"] = None; ',
