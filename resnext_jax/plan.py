@@ -100,9 +100,7 @@ def compile_step(config, mesh, num_classes, global_batch, step=TRAIN):
     model = train.build_model(config, num_classes)
     tx = train.create_optimizer(
         config, train.learning_rate_schedule(config, STEPS_PER_EPOCH, STEPS_PER_EPOCH * 90))
-    abstract = jax.eval_shape(train.make_init(config, model, tx), jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp,
-                                         min_size=config.fsdp_min_size)  # as train.py's
+    _, abstract, shardings = train.state_layout(config, model, tx, mesh)   # as train.py's
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)

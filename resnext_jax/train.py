@@ -136,6 +136,16 @@ def make_init(config, model, tx):
     return init
 
 
+def state_layout(config, model, tx, mesh):
+    """(init, abstract state, shardings) of a run over `mesh`: the initial-state function, its
+    shapes and dtypes, and where each array lives (replicated, or split with `fsdp`)."""
+    init = make_init(config, model, tx)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp,
+                                         min_size=config.fsdp_min_size)
+    return init, abstract, shardings
+
+
 def make_steps(config, model, tx, mesh, shardings):
     """The jitted (train_step, eval_step) of a run over `mesh`, the state placed by `shardings`
     and donated to the train step, the batch split over 'data'. `train_and_evaluate` runs them
@@ -192,11 +202,8 @@ def _run(config, workdir, source, mesh):
     tx = create_optimizer(config, schedule)
 
     # ---------------------------------------------------------------- state
-    init = make_init(config, model, tx)
+    init, abstract, shardings = state_layout(config, model, tx, mesh)
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = parallel.state_shardings(abstract, mesh, fsdp=config.fsdp,
-                                         min_size=config.fsdp_min_size)
     if config.fsdp:
         split = [jax.tree_util.keystr(path) for path, s in
                  jax.tree_util.tree_leaves_with_path(shardings) if parallel.DATA in s.spec]

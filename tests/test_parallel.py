@@ -28,9 +28,7 @@ def setup(mesh, **overrides):
     config = tiny_config(image_size=SIZE, batch_size=GLOBAL, **overrides)
     model = train.build_model(config, 10)
     tx = train.create_optimizer(config, 0.1)
-    init = train.make_init(config, model, tx)
-    shardings = parallel.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh,
-                                         fsdp=config.fsdp, min_size=config.fsdp_min_size)
+    init, _, shardings = train.state_layout(config, model, tx, mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     p_train, _ = train.make_steps(config, model, tx, mesh, shardings)
