@@ -7,7 +7,10 @@
 
 Runs resume from the newest checkpoint in --workdir. On TPU pods, SLURM and Open MPI the
 processes find each other by themselves; elsewhere pass the three multi-process flags.
+Exit codes: 0 done, 1 bad input (one `error:` line), 75 preempted (saved; run the same command
+again), 69 another process of a multi-process run died (restart all of them; they resume).
 """
+import importlib.util
 import logging as pylogging
 import os
 import re
@@ -56,6 +59,8 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
+flags.DEFINE_integer('peer_timeout_s', 60, 'Multi-process runs: a process silent this many '
+                     'seconds is dead, and the others stop (exit code 69).', lower_bound=1)
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved at a preemption notice; re-run to resume
@@ -63,11 +68,12 @@ EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved at a preemption notice; re-run to res
 
 class _OwnInfoOnly(pylogging.Filter):
     """Keeps the console to our progress lines: libraries' INFO chatter (orbax, JAX) is dropped,
-    their warnings and errors are not."""
+    their warnings and errors are not. Ours: records from this file or the package's files."""
+    PACKAGE = os.path.dirname(importlib.util.find_spec('resnext_jax').origin) + os.sep
 
     def filter(self, record):
-        return record.levelno >= pylogging.WARNING or 'resnext_jax' in record.pathname or (
-            record.pathname == __file__)
+        return (record.levelno >= pylogging.WARNING or record.pathname == __file__
+                or record.pathname.startswith(self.PACKAGE))
 
 
 def parse_flags(argv):
@@ -87,11 +93,16 @@ def main(argv):
     del argv   # parse_flags refused positional arguments
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    from resnext_jax import checkpoint, parallel, train, validate  # after flags: JAX starts now
+    from resnext_jax import parallel
+    if parallel.multi_process(FLAGS.coordinator_address) and not parallel.is_worker():
+        # The run itself goes in a child, so that a dead peer ends it with one line.
+        sys.exit(parallel.supervise([sys.executable] + sys.orig_argv[1:]))
+    from resnext_jax import checkpoint, train, validate  # after flags: JAX starts now
     try:
         validate.check_config(FLAGS.config)
         validate.check_workdir(FLAGS.workdir)
-        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                            FLAGS.peer_timeout_s)
         logging.info('config:\n%s', FLAGS.config)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except checkpoint.Preempted as e:  # saved: the scheduler may restart the same command
@@ -99,6 +110,10 @@ def main(argv):
         sys.exit(EXIT_PREEMPTED)
     except (ValueError, OSError, FloatingPointError) as e:   # OSError: FileNotFoundError, …
         sys.exit(f'error: {" ".join(str(e).split())}')
+    except RuntimeError as e:   # JaxRuntimeError too: a collective that lost its peer
+        if parallel.is_peer_lost(e):
+            parallel.peer_lost_exit(e)
+        raise
 
 
 if __name__ == '__main__':

@@ -3,6 +3,8 @@
     python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 16 --image-size 224
     python -m resnext_jax.benchmark --model resnext29_8x64d --batch-size 32 --form all --torch
     python -m resnext_jax.benchmark --layer --batch-size 16 --image-size 56 --width 128 --groups 32
+    python -m resnext_jax.benchmark --input --config=configs/paper.py:table3_resnext50_32x4d \
+        --config.data_dir=DIR [--seconds=30] [--json]
 
 A training step is the whole jitted update of `resnext_jax.train.train_step`: forward,
 backward, SGD with momentum and weight decay, BN statistics; the state is donated, the batch
@@ -12,7 +14,11 @@ compiles, is timed separately). Memory is the device's peak where it reports one
 else what XLA plans for the compiled step (arguments + outputs + temporaries). `--torch` times
 the same network built from torchvision's `ResNet` (groups, width_per_group) in the same
 process, channels_last, with `torch.optim.SGD`; torch and torchvision are an optional extra.
-`--layer` times one 3×3 grouped convolution in every form instead of a network. Run as a
+`--layer` times one 3×3 grouped convolution in every form instead of a network. `--input`
+times the input pipeline of a training config alone (`resnext_jax.data`: reading, decoding,
+augmentation, batching) for training and for evaluation, with this host's batch
+(`--config.batch_size`): images/s, the CPU cores it kept busy (process CPU time over wall time)
+and images/s per busy core, the figure that says how many host cores feed an accelerator. Run as a
 program, it first applies `resnext_jax.runtime.prepare_process()` (YNNPACK fusions, huge pages;
 the header line shows the resulting XLA_FLAGS and GLIBC_TUNABLES).
 """
@@ -253,7 +259,91 @@ def format_rows(rows, torch_row=None):
     return '\n'.join(lines)
 
 
+def _cpu_seconds():
+    t = os.times()
+    return t.user + t.system
+
+
+def bench_input(config, part, seconds, source=None):
+    """The input pipeline alone: {'part', 'images', 'seconds', 'images_per_sec', 'cpu_cores',
+    'images_per_core_sec'} over `seconds` after its first batch (which builds it). `part` is
+    'train' (augmented, endless) or 'eval' (repeated; padding is not counted)."""
+    from resnext_jax import data   # TensorFlow: only for this mode
+    source = source or data.make_source(config)
+
+    def batches():
+        if part == 'train':
+            yield from data.train_batches(config, config.batch_size, source=source)
+        while True:
+            yield from data.eval_batches(config, config.batch_size, source=source)
+
+    stream = batches()
+    next(stream)
+    images, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
+    while time.perf_counter() - t0 < seconds:
+        batch = next(stream)
+        images += int(batch['mask'].sum()) if 'mask' in batch else len(batch['label'])
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return dict(part=part, images=images, seconds=wall, images_per_sec=images / wall,
+                cpu_cores=cpu / wall, images_per_core_sec=images / cpu)
+
+
+def source_kind(source):
+    from resnext_jax import data
+    if isinstance(source, data.RecordSource):
+        return 'TFDS ArrayRecord, read by index'
+    if isinstance(source, data.TfdsSource):
+        return 'TFDS TFRecord, streamed'
+    if getattr(source, 'encoding', None) == 'file':
+        return 'image folder'
+    return 'in memory' + (', encoded' if getattr(source, 'encoding', None) else '')
+
+
+def input_main(argv):
+    """`--input`: absl flags, so that --config=FILE[:ROW] and --config.FIELD=VALUE read as in
+    train.py."""
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file('config', None, 'Training recipe, e.g. configs/paper.py:ROW.')
+    flags.DEFINE_float('seconds', 30.0, 'Seconds timed per part, after the first batch.')
+    flags.DEFINE_boolean('json', False, 'Print one JSON object.')
+    flags.DEFINE_boolean('input', True, 'Time the input pipeline.')
+
+    def run(_):
+        config = flags.FLAGS.config
+        if config is None:
+            sys.exit('error: --input needs --config=configs/NAME.py[:ROW]')
+        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+        from resnext_jax import data, validate   # TensorFlow starts now
+        try:
+            validate.check_config(config)
+            source = data.make_source(config)
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        rows = [bench_input(config, part, flags.FLAGS.seconds, source)
+                for part in ('train', 'eval')]
+        cores = os.cpu_count()
+        if flags.FLAGS.json:
+            print(json.dumps(dict(dataset=config.dataset, source=source_kind(source),
+                                  batch_size=config.batch_size, image_size=config.image_size,
+                                  augment=config.augment, cpu_count=cores, rows=rows), indent=1))
+            return
+        print(f'input pipeline: {config.dataset} ({source_kind(source)}), batch '
+              f'{config.batch_size}, {config.image_size}×{config.image_size}, augment '
+              f'{config.augment}, {cores} CPU cores on this host')
+        print('| part | images/s | CPU cores busy | images/s per core |')
+        print('|---|---:|---:|---:|')
+        for r in rows:
+            print(f"| {r['part']} | {r['images_per_sec']:.0f} | {r['cpu_cores']:.2f} | "
+                  f"{r['images_per_core_sec']:.0f} |")
+
+    app.run(run, argv=argv)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if '--input' in argv:
+        return input_main([sys.argv[0]] + argv)
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='resnext50_32x4d')

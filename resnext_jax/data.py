@@ -1,15 +1,19 @@
 """Input pipeline on tf.data: every JAX process gets numpy batches of its own rows only.
 
 Random-access sources (scikit-learn digits, `ArraySource`, image folders, TFDS splits of
-≤ 200,000 examples) define ONE global stream of example indices, independent of the number of
-processes P: epoch e is `stateless_shuffle(range(N), seed=[seed, e])`, the epochs are chained
-without a break (a global batch may cross an epoch boundary), the stream is cut into global
-batches of b·P and process i takes rows [i·b, (i+1)·b). Augmentation is seeded by
-(seed, position in the stream), so the concatenation of the P local batches is bitwise the
-P = 1 batch, and resuming at step k just skips k·b·P integers. Large TFDS datasets stream:
-process i reads `even_splits(split, P)[i]`, shuffles with a buffer, and is deterministic for a
-fixed P. Eval: process i takes examples i, i+P, i+2P, … then mask-0 padding, so every process
-yields `num_eval_batches` batches. Pixels are in 0..255 until normalised by (x - mean) / std.
+≤ 200,000 examples held in memory, and TFDS datasets prepared as ArrayRecord files, read by
+index with `tfds.data_source`) define ONE global stream of example indices, independent of the
+number of processes P: epoch e is `stateless_shuffle(range(N), seed=[seed, e])`, the epochs are
+chained without a break (a global batch may cross an epoch boundary), the stream is cut into
+global batches of b·P and process i takes rows [i·b, (i+1)·b), reading only those examples.
+Augmentation is seeded by (seed, position in the stream), so the concatenation of the P local
+batches is bitwise the P = 1 batch, and resuming at step k just skips k·b·P integers: no
+record is read to get there. Large TFDS datasets in TFRecord files (sequential only) stream:
+process i reads `even_splits(split, P)[i]` in a fixed file order, each epoch shuffled by a
+buffer seeded by (seed, epoch); resuming at step k starts at its epoch and skips at most one
+epoch of records; the order depends on P. Eval: process i takes examples i, i+P, i+2P, … then
+mask-0 padding, so every process yields `num_eval_batches` batches. Pixels are in 0..255
+until normalised by (x - mean) / std.
 
 Encoded images (folders, TFDS sets of mixed sizes) are decoded as they are read, never all up
 front. An unreadable one (not an image, truncated) stops the stream with a `ValueError` naming
@@ -47,6 +51,7 @@ NORMALISATION = {  # 0..255 units; the ImageNet statistics for every other datas
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 MAX_IN_MEMORY = 200_000
+ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 
@@ -93,6 +98,12 @@ class ArraySource:
                                  'replace those pixels or drop those images')
         return images, labels.astype(np.int32)
 
+    def reader(self, part):
+        """(fetch, parse) for `part` ('train' or 'eval'), TensorFlow functions: `fetch(indices)`
+        the stored items of a batch of example indices, `parse(item)` one item's (image, label)."""
+        images, labels = (tf.constant(a) for a in getattr(self, part))
+        return (lambda i: (tf.gather(images, i), tf.gather(labels, i))), (lambda item: item)
+
 
 class EncodedSource(ArraySource):
     """Images stored encoded (folder paths or bytes), decoded on the fly."""
@@ -107,8 +118,45 @@ class EncodedSource(ArraySource):
         return getattr(self, part)[0][index] if self.encoding == 'file' else f'#{index}'
 
 
+class RecordSource:
+    """A TFDS dataset prepared as ArrayRecord files, read by example index (`tfds.data_source`):
+    only the examples a process trains on are read, and a resumed run reads nothing to find its
+    place. Images stay encoded until preprocessing."""
+    encoding = 'bytes'
+
+    def __init__(self, builder, train_split, eval_split):
+        self.features = builder.info.features
+        self.num_classes = self.features['label'].num_classes
+        self.splits = {'train': train_split, 'eval': eval_split}
+        self.records = {part: builder.as_data_source(
+            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+            for part, split in self.splits.items()}
+        self.num_train, self.num_eval = (len(self.records[p]) for p in ('train', 'eval'))
+        self.unreadable = {'train': {}, 'eval': {}}
+
+    def name(self, part, index):
+        return f'{self.splits[part]}[{index}]'
+
+    def reader(self, part, decode_images=False):
+        records = self.records[part]
+
+        def read(indices):   # serialized tf.Examples, one per index
+            return np.array(records.__getitems__(indices.tolist()), dtype=object)
+
+        def fetch(indices):
+            raw = tf.numpy_function(read, [indices], tf.string, stateful=False)
+            return tf.reshape(raw, tf.shape(indices))
+
+        def parse(raw):
+            decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
+            example = self.features.deserialize_example(raw, decoders=decoders)
+            return example['image'], tf.cast(example['label'], tf.int32)
+
+        return fetch, parse
+
+
 class TfdsSource:
-    """A TFDS dataset read as a stream of encoded records (ImageNet and other large sets)."""
+    """A TFDS dataset in TFRecord files, read as a stream of encoded records."""
 
     def __init__(self, builder, train_split, eval_split, num_train, num_eval):
         self.builder, self.train_split, self.eval_split = builder, train_split, eval_split
@@ -116,10 +164,14 @@ class TfdsSource:
         self.num_train, self.num_eval = num_train, num_eval
 
     def read(self, split, seed=None):
+        """The split's examples, images encoded; with `seed` in a file order fixed by it."""
         read_config = tfds.ReadConfig(shuffle_seed=seed, options=_options())
         return self.builder.as_dataset(split=split, shuffle_files=seed is not None,
                                        read_config=read_config,
                                        decoders={'image': tfds.decode.SkipDecoding()})
+
+    def count(self, split):
+        return _count(self.builder, split)
 
 
 def _digits(config):
@@ -186,16 +238,31 @@ def _tfds(config):
         raise ValueError(f"dataset '{name}' is not prepared in {data_dir or builder.data_dir}: "
                          'download it manually as TFDS explains, or set --config.data_dir'
                          ) from None
+    formats = {builder.info.file_format, *builder.info.alternative_file_formats}
+    records = RecordSource(builder, *splits) if ARRAY_RECORD in formats else None
     in_memory = config.get('in_memory', None)
     if not (counts[0] <= MAX_IN_MEMORY if in_memory is None else in_memory):
+        if records:
+            return records
+        logging.info('%s is stored as TFRecord files, which are read in order: a resumed run '
+                     'reads up to one epoch to find its place, and the order depends on the '
+                     'number of processes. Converted to ArrayRecord (`tfds convert_format '
+                     '--dataset_version_dir=%s --out_file_format=array_record`) it resumes at '
+                     'once, in one order for any number of processes.', name, builder.data_dir)
         return TfdsSource(builder, *splits, *counts)
     fixed = builder.info.features['image'].shape[0] is not None
     decoders = None if fixed else {'image': tfds.decode.SkipDecoding()}
     parts = []
-    for split in splits:
-        chunks = list(tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders)
-                                    .batch(4096)))
-        parts += [np.concatenate([c[key] for c in chunks]) for key in ('image', 'label')]
+    for part, split in zip(('train', 'eval'), splits):
+        if records:   # ArrayRecord files have no tf.data reader: by index, in order
+            fetch, parse = records.reader(part, decode_images=fixed)
+            ds = tf.data.Dataset.range(len(records.records[part])).batch(4096).map(
+                fetch).unbatch().map(parse)
+        else:
+            ds = builder.as_dataset(split=split, decoders=decoders).map(
+                lambda ex: (ex['image'], ex['label']))
+        chunks = list(tfds.as_numpy(ds.batch(4096)))
+        parts += [np.concatenate([c[k] for c in chunks]) for k in (0, 1)]
     num_classes = builder.info.features['label'].num_classes
     return ArraySource(*parts, num_classes) if fixed else EncodedSource('bytes', *parts,
                                                                         num_classes)
@@ -387,39 +454,33 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
     preprocess = _preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'))
     seed, b, auto = config.seed, batch_size, tf.data.AUTOTUNE
     if isinstance(source, TfdsSource):  # streaming: deterministic for a fixed process count
-        split = tfds.even_splits(source.train_split, n=process_count,
-                                 drop_remainder=False)[process_index]
-        ds = source.read(split, seed).repeat().shuffle(config.get('shuffle_buffer', 10_000),
-                                                       seed=seed).enumerate()
-        ds = ds.skip(start_step * b).map(
-            lambda i, ex: {'image': preprocess(ex['image'], tf.stack(
-                [tf.constant(seed, tf.int64), i * process_count + process_index])),
-                'label': tf.cast(ex['label'], tf.int32)}, num_parallel_calls=auto)
-        return _batched(ds, b).as_numpy_iterator()
-    images, labels = (tf.constant(a) for a in source.train)
+        return _streamed(source, preprocess, seed, b, start_step, process_index, process_count,
+                         config.get('shuffle_buffer', 10_000))
+    fetch, parse = source.reader('train')
+    seed = tf.constant(seed, tf.int64)
     lo = process_index * b
 
     def positions(step):   # (stream position, example index) of this process's batch `step`
-        ds = _index_stream(source.num_train, seed, step * b * process_count)
+        ds = _index_stream(source.num_train, config.seed, step * b * process_count)
         return ds.batch(b * process_count).map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
 
-    def example(p, i):
-        return preprocess(tf.gather(images, i), tf.stack([tf.constant(seed, tf.int64), p]))
+    def example(p, item):
+        image, label = parse(item)
+        return {'image': preprocess(image, tf.stack([seed, p])), 'label': label}
 
     def batches(step, unreadable):
-        ds = positions(step).unbatch()
+        ds = positions(step)
         if unreadable:   # each unreadable example's place goes to the next readable one
             remap = tf.constant(_next_readable(source.num_train, unreadable))
             ds = ds.map(lambda p, i: (p, tf.gather(remap, i)))
-        ds = ds.map(lambda p, i: {'image': example(p, i), 'label': tf.gather(labels, i)},
-                    num_parallel_calls=auto)
-        return _batched(ds, b).as_numpy_iterator()
+        ds = ds.map(lambda p, i: (p, fetch(i)), num_parallel_calls=auto).unbatch()
+        return _batched(ds.map(example, num_parallel_calls=auto), b).as_numpy_iterator()
 
     def batch_examples(step, unreadable):
         p, i = next(iter(positions(step)))
         if unreadable:
             i = _next_readable(source.num_train, unreadable)[i.numpy()]
-        return [(int(k), lambda p=p_, k=k: example(p, k)) for p_, k in zip(p, i)]
+        return [(int(k), lambda p=p_, k=k: example(p, _one(fetch, k))) for p_, k in zip(p, i)]
 
     if source.encoding is None:   # decoded pixels: nothing to fail on
         return batches(start_step, {})
@@ -458,27 +519,54 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
                                     num_parallel_calls=tf.data.AUTOTUNE)
         return finish(ds).as_numpy_iterator()
     local = np.arange(process_index, source.num_eval, process_count, dtype=np.int64)
-    images, labels = (tf.constant(a) for a in source.eval)
+    fetch, parse = source.reader('eval')
 
     def batches(first, unreadable):
-        ds = tf.data.Dataset.from_tensor_slices(local[first * batch_size:])
-        if not unreadable:
-            ds = ds.map(lambda i: example(tf.gather(images, i), tf.gather(labels, i)),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-        else:   # unreadable examples are masked out like padding
-            readable = tf.constant(~np.isin(np.arange(source.num_eval), list(unreadable)))
-            ds = ds.map(lambda i: example(tf.gather(images, i), tf.gather(labels, i),
-                                          tf.gather(readable, i)),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+        readable = tf.constant(~np.isin(np.arange(source.num_eval), list(unreadable)))
+        ds = tf.data.Dataset.from_tensor_slices(local[first * batch_size:]).batch(batch_size)
+        ds = ds.map(lambda i: (i, fetch(i)), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        ds = ds.map(lambda i, item: example(*parse(item),
+                                            tf.gather(readable, i) if unreadable else None),
+                    num_parallel_calls=tf.data.AUTOTUNE)
         return finish(ds, first).as_numpy_iterator()
 
     def batch_examples(k, unreadable):
-        return [(int(i), lambda i=i: preprocess(images[i], no_seed))
+        return [(int(i), lambda i=i: preprocess(parse(_one(fetch, i))[0], no_seed))
                 for i in local[k * batch_size:(k + 1) * batch_size] if i not in unreadable]
 
     if source.encoding is None:
         return batches(0, {})
     return _guarded(source, 'eval', config, batches, batch_examples, 0)
+
+
+def _streamed(source, preprocess, seed, b, start_step, process_index, process_count, buffer):
+    """Process `process_index`'s batches of a TFRecord dataset from `start_step` on.
+
+    The process reads its `even_splits` part in one file order (fixed by `seed`); epoch e is
+    that sequence through a shuffle buffer seeded by (seed, e), so a resumed run starts at its
+    epoch and skips at most one epoch of records. Augmentation is seeded by the position in
+    the process's stream."""
+    split = tfds.even_splits(source.train_split, n=process_count,
+                             drop_remainder=False)[process_index]
+    n = source.count(split)   # examples per epoch of this process
+    first, offset = divmod(start_step * b, n)
+    records = source.read(split, seed)
+
+    def epoch(e):
+        shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e,
+                                   reshuffle_each_iteration=False)
+        return shuffled.enumerate(e * n)
+
+    ds = tf.data.Dataset.counter(first).flat_map(epoch).skip(offset)
+    ds = ds.map(lambda i, ex: {'image': preprocess(ex['image'], tf.stack(
+        [tf.constant(seed, tf.int64), i * process_count + process_index])),
+        'label': tf.cast(ex['label'], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE)
+    return _batched(ds, b).as_numpy_iterator()
+
+
+def _one(fetch, index):
+    """The stored item of one example (`fetch` reads batches)."""
+    return tf.nest.map_structure(lambda x: x[0], fetch(tf.constant([index], tf.int64)))
 
 
 def _batched(ds, b):
@@ -524,7 +612,7 @@ def _guarded(source, part, config, batches, batch_examples, first):
                 unreadable[index] = why
                 logging.warning('skipping unreadable %s image %s (%s): %d skipped so far',
                                 part, source.name(part, index), why, len(unreadable))
-            if len(unreadable) == len(getattr(source, part)[1]):
+            if len(unreadable) == (source.num_train if part == 'train' else source.num_eval):
                 raise ValueError(f'no {part} image can be decoded (e.g. '
                                  f'{source.name(part, index)}: {why}); check --config.dataset')
             iterator = batches(k, unreadable)

@@ -22,6 +22,7 @@ import sys
 
 from etils import epath
 
+from resnext_jax import metrics as metrics_lib
 from resnext_jax.summary import summarize
 
 
@@ -220,8 +221,8 @@ def read_run(workdir):
     evals = []
     metrics = workdir / 'metrics.jsonl'
     if metrics.exists():
-        evals = [r for r in map(json.loads, metrics.read_text().splitlines())
-                 if r.get('split') == 'eval']
+        evals = [r for r, _ in metrics_lib.read_lines(metrics.read_text(), metrics)
+                 if r['split'] == 'eval']
     last = evals[-1] if evals else {}
     return dict(name=config.get('name', ''), workdir=str(workdir), top1=last.get('top1'),
                 top5=last.get('top5'), step=last.get('step'), num_steps=last.get('num_steps'),

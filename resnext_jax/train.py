@@ -191,6 +191,9 @@ def _run(config, workdir, source, mesh):
     source = source or data.make_source(config)
     info = data.dataset_info(config, source)
     steps_per_epoch = info.num_train // config.batch_size
+    if not info.num_eval:
+        raise ValueError(f'the eval split {config.eval_split!r} of {config.dataset} has no '
+                         'examples; choose another --config.eval_split')
     if not steps_per_epoch:
         raise ValueError(f'batch_size {config.batch_size} exceeds the {info.num_train} training '
                          'examples; lower --config.batch_size')

@@ -15,7 +15,7 @@ from configs import default, paper, quickstart
 from resnext_jax import create_model, data, tables, validate
 from resnext_jax.metrics import MetricsWriter
 from test_data import make_config, take
-from test_train import TINY, run_cli, tiny_config
+from helpers import TINY, run_cli, tiny_config
 
 
 def assert_one_error_line(out, expected_start):
@@ -379,7 +379,7 @@ def test_cli_unreadable_image_mid_training_is_one_line(tmp_path):
     config_file.write_text(
         'import sys\n'
         f'sys.path.insert(0, {os.path.dirname(__file__)!r})\n'
-        'from test_train import tiny_config\n'
+        'from helpers import tiny_config\n'
         'def get_config():\n'
         f'    return tiny_config(dataset="folder:{tmp_path / "data"}", eval_split="val", '
         'batch_size=8, num_train_steps=3, augment="none")\n')

@@ -1,11 +1,14 @@
 """The benchmark tool runs and reports sane figures; the fast CPU paths compute the same math."""
 import json
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
+from helpers import REPO
 from resnext_jax import benchmark, create_model
 from resnext_jax.models import max_pool_3x3_s2
 from resnext_jax.summary import count_params
@@ -59,3 +62,23 @@ def test_slice_max_pool_equals_flax_max_pool():
         g = jax.grad(lambda x: (max_pool_3x3_s2(x) * probe).sum())(x)
         g_ref = jax.grad(lambda x: (ref(x) * probe).sum())(x)
         np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def test_input_pipeline_benchmark():
+    def run(*args):
+        return subprocess.run([sys.executable, '-m', 'resnext_jax.benchmark', '--input', *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = run('--config=configs/quickstart.py', '--config.batch_size=64', '--seconds=1',
+              '--json')
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report['source'] == 'in memory' and report['batch_size'] == 64
+    assert [r['part'] for r in report['rows']] == ['train', 'eval']
+    train, evaluation = report['rows']
+    assert train['images'] % 64 == 0 and train['images'] >= 64
+    assert evaluation['images'] >= 360   # the held-out 360 digits, at least once, no padding
+    for r in report['rows']:
+        assert r['seconds'] >= 1 and r['cpu_cores'] > 0 and r['images_per_core_sec'] > 0
+    bad = run()
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        'error: --input needs --config=configs/NAME.py[:ROW]']

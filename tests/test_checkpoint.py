@@ -7,8 +7,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from resnext_jax import checkpoint, train
-from test_train import REPO, assert_trees_close, read_metrics, tiny_config
+from helpers import (assert_trees_close, read_metrics, start_cli, tiny_config,
+                     tiny_config_file)
 
 
 def steps_in(workdir):
@@ -97,7 +96,7 @@ def test_truncated_data_files_are_found_by_a_restarted_run(tmp_path):
     config_file = tiny_config_file(tmp_path, 'num_train_steps=6')
     train.train_and_evaluate(tiny_config(num_train_steps=4), tmp_path / 'run')
     truncate_data_files(tmp_path / 'run' / 'checkpoints' / '4')
-    proc = run_cli(tmp_path / 'run', f'--config={config_file}')
+    proc = start_cli(tmp_path / 'run', f'--config={config_file}')
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
     assert f'checkpoint {tmp_path / "run" / "checkpoints"}/4 is unreadable (' in stderr
@@ -160,30 +159,15 @@ def test_a_failed_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path, mon
 
 # ------------------------------------------------------------------------------ preemption
 
-def tiny_config_file(tmp_path, overrides):
-    path = tmp_path / 'tiny.py'
-    path.write_text(f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
-                    'from test_train import tiny_config\n'
-                    f'def get_config():\n    return tiny_config({overrides})\n')
-    return path
-
-
-def run_cli(workdir, *args):
-    return subprocess.Popen(
-        [sys.executable, 'train.py', f'--workdir={workdir}', *args], cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-
-
 def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     config_file = tiny_config_file(
-        tmp_path, 'num_train_steps=40, checkpoint_every_steps=100, eval_every_epochs=20 / 89')
+        tmp_path, 'num_train_steps=16, checkpoint_every_steps=100, eval_every_epochs=8 / 89')
     args = [f'--config={config_file}']
-    uninterrupted = run_cli(tmp_path / 'full', *args)
+    uninterrupted = start_cli(tmp_path / 'full', *args)
     assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-2000:]
 
-    signal_after = random.Random().randint(3, 30)
-    proc = run_cli(tmp_path / 'run', *args)
+    signal_after = random.Random().randint(3, 12)
+    proc = start_cli(tmp_path / 'run', *args)
     metrics = tmp_path / 'run' / 'metrics.jsonl'
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -198,10 +182,10 @@ def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(
     assert last.startswith('preempted: saved step ') and last.endswith(
         'run the same command again to resume'), last
     saved = int(last.split('saved step ')[1].split()[0])
-    assert steps_in(tmp_path / 'run') == [saved] and signal_after <= saved < 40
+    assert steps_in(tmp_path / 'run') == [saved] and signal_after <= saved < 16
     assert_restorable_and_finite(tmp_path / 'run', [saved])
 
-    resumed = run_cli(tmp_path / 'run', *args)
+    resumed = start_cli(tmp_path / 'run', *args)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     for split in ('train', 'eval'):
         assert read_metrics(tmp_path / 'run', split) == read_metrics(tmp_path / 'full', split)

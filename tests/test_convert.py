@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import quickstart
+import helpers
+from helpers import REPO, TINY
 from resnext_jax import checkpoint, convert, create_model, data, parallel, predict, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = sorted(glob.glob(os.path.join(REPO, 'tests', 'fixtures', 'torchvision_*.npz')))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'torchvision_resnext_4x4d.npz')
 
@@ -234,18 +234,10 @@ def test_imagenet_class_names_come_with_tensorflow_datasets():
 
 # ------------------------------------------------------------------------------ init_from
 
-TINY = {'stage_sizes': (1, 1, 1), 'stem_width': 8, 'base_features': 16}
-
-
 def tiny_config(**overrides):
-    """ResNeXt-29 2×4d with one block per stage on 8×8 digits, pixels simply scaled to 0..1."""
-    c = quickstart.get_config()
-    c.model, c.model_options = 'resnext29_2x4d', dict(TINY)
-    c.image_size, c.batch_size, c.augment = 8, 64, 'none'
-    c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 1, 1, 100.0
-    c.mean, c.std = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
-    c.update(overrides)
-    return c
+    """The tests' tiny recipe with pixels simply scaled to 0..1 and no augmentation."""
+    return helpers.tiny_config(augment='none', mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0),
+                               **overrides)
 
 
 @pytest.fixture(scope='module')

@@ -64,7 +64,7 @@ def test_list_models_has_every_paper_network():
 
 
 # Parameter counts of the same networks in torchvision (1000 classes) and in the official
-# CIFAR code (10 classes); see DESIGN.md §4.
+# CIFAR code (10 classes), as those projects count them.
 REFERENCE_PARAMS = {
     'resnet50': 25_557_032, 'resnext50_32x4d': 25_028_904, 'resnet101': 44_549_160,
     'resnext101_32x8d': 88_791_336, 'resnext101_64x4d': 83_455_272,

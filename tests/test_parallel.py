@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from resnext_jax import parallel, train
 from resnext_jax.aggregated import FORMS
-from test_train import assert_trees_close, tiny_config
+from helpers import assert_trees_close, tiny_config
 
 GLOBAL, PER_DEVICE, SIZE = 40, 5, 12
 _INSTRUCTION = re.compile(r'%(\S+) = (\(.*?\)|\w+\[[^\]]*\])\S* (\w[\w-]*)\((.*?)\)')

@@ -23,9 +23,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import quickstart
+from helpers import REPO
 from resnext_jax import plan, tpus
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHIPS = 4                 # v5e-4
 BATCHES = (13, 26)        # per chip; globally 52 and 104, sizes no layer of the network has
 

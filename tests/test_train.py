@@ -1,13 +1,11 @@
-"""train.py and resnext_jax.train: end to end over 8 devices, two processes, resume, eval, BN.
+"""train.py and resnext_jax.train: end to end over 8 devices, resume, eval, BN (two processes:
+test_multiprocess.py).
 
 Every run here is a tiny ResNeXt on real or mock data for a few steps; what is asserted is
 equality between runs that must agree, against numbers computed another way.
 """
-import json
+import logging
 import os
-import socket
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -17,38 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import quickstart
+from helpers import TINY, Preempted, assert_trees_close, read_metrics, run_cli, tiny_config
 from resnext_jax import GroupedBatchNorm, checkpoint, create_model, data, parallel, train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {'stage_sizes': (1, 1, 1), 'stem_width': 8, 'base_features': 16}
-
-
-def tiny_config(**overrides):
-    """The quick-start recipe shrunk: 8×8 digits, ResNeXt 2×4d with one block per stage."""
-    c = quickstart.get_config()
-    c.model, c.model_options = 'resnext29_2x4d', dict(TINY)
-    c.image_size, c.batch_size, c.num_train_steps = 8, 16, 6
-    c.augment, c.schedule, c.warmup_epochs = 'cifar', 'step', 0.0
-    c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 1, 2, 100.0
-    c.update(overrides)
-    return c
-
-
-def read_metrics(workdir, split='train'):
-    """metrics.jsonl records of one split, without the wall-clock speed."""
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k != 'images_per_sec'}
-            for r in records if r['split'] == split]
-
-
-def assert_trees_close(a, b, rtol=0.0, atol=0.0):
-    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -81,53 +49,7 @@ def test_quickstart_learns_digits(tmp_path):
     assert result['num_examples'] == 360 and result['top1'] > 0.8
 
 
-# ------------------------------------------------------------------------------ multi-process
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_process_with_8_devices(tmp_path):
-    config_file = tmp_path / 'tiny.py'
-    config_file.write_text(
-        'import sys\n'
-        f'sys.path.insert(0, {os.path.dirname(__file__)!r})\n'
-        'from test_train import tiny_config as get_config\n')
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=4 '
-                        '--xla_backend_optimization_level=0'}
-    address = f'127.0.0.1:{free_port()}'
-    procs = [subprocess.Popen(
-        [sys.executable, 'train.py', f'--config={config_file}', f'--workdir={tmp_path / "two"}',
-         f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
-    assert '2 processes' in outputs[0]
-
-    one = train.train_and_evaluate(tiny_config(), tmp_path / 'one')
-    two_train, one_train = read_metrics(tmp_path / 'two'), read_metrics(tmp_path / 'one')
-    assert [r['step'] for r in two_train] == list(range(1, 7))
-    for a, b in zip(two_train, one_train):
-        assert a['step'] == b['step'] and a['top1'] == b['top1']
-        np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
-    (two_eval,), (one_eval,) = read_metrics(tmp_path / 'two', 'eval'), [one]
-    assert two_eval['num_examples'] == one_eval['num_examples'] == 360
-    np.testing.assert_allclose(two_eval['loss'], one_eval['loss'], rtol=1e-4)
-    state_two, _ = checkpoint.load_checkpoint(tmp_path / 'two')
-    state_one, _ = checkpoint.load_checkpoint(tmp_path / 'one')
-    assert_trees_close(state_two, state_one, rtol=1e-4, atol=1e-6)
-
-
 # ------------------------------------------------------------------------------ resume
-
-class Preempted(Exception):
-    pass
-
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     config = tiny_config(eval_every_epochs=3.5 / 89)  # 89 steps per epoch: eval every 3
@@ -308,12 +230,6 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
 
 # ------------------------------------------------------------------------------ bad input
 
-def run_cli(*args, **env):
-    return subprocess.run(
-        [sys.executable, 'train.py', *args], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, timeout=300)
-
-
 def test_cli_bad_input_is_one_clear_line(tmp_path):
     out = run_cli(f'--workdir={tmp_path}', '--config.augment=sideways')
     assert out.returncode == 1 and 'Traceback' not in out.stderr
@@ -328,3 +244,22 @@ def test_bad_batch_and_divergence(tmp_path):
     with pytest.raises(FloatingPointError, match='the training loss is not finite at step 2'):
         train.train_and_evaluate(tiny_config(learning_rate=1e30), tmp_path / 'b')
     assert not os.listdir(tmp_path / 'b' / 'checkpoints')   # nothing non-finite was saved
+    images = np.zeros((40, 8, 8, 1), np.uint8)
+    no_eval = data.ArraySource(images, np.arange(40) % 10, images[:0], np.zeros(0), 10)
+    with pytest.raises(ValueError, match="the eval split 'test' of digits has no examples"):
+        train.train_and_evaluate(tiny_config(), tmp_path / 'c', source=no_eval)
+
+
+def test_the_console_keeps_only_our_info_lines():
+    """train.py's log filter: INFO from train.py and the package's modules; other libraries'
+    only at WARNING and above, also when they are installed under a path that contains the
+    package's name (a virtualenv inside a checkout called resnext_jax)."""
+    import importlib
+    cli = importlib.import_module('train')   # the root train.py, not resnext_jax.train
+
+    def kept(path, level=logging.INFO):
+        return cli._OwnInfoOnly().filter(logging.LogRecord('absl', level, path, 1, 'm', (), None))
+
+    assert kept(cli.__file__) and kept(train.__file__) and kept(data.__file__)
+    venv = '/home/me/resnext_jax/.venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py'
+    assert not kept(venv) and kept(venv, logging.WARNING)
