@@ -23,6 +23,7 @@ program, it first applies `resnext_jax.runtime.prepare_process()` (YNNPACK fusio
 the header line shows the resulting XLA_FLAGS and GLIBC_TUNABLES).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -176,7 +177,8 @@ def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
     row = Row('torch', f'torchvision {torch.__version__}')
     x = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
-    cast = torch.autocast('cpu', torch.bfloat16) if dtype == 'bfloat16' else _Null()
+    cast = (torch.autocast('cpu', torch.bfloat16) if dtype == 'bfloat16'
+            else contextlib.nullcontext())
     if mode in ('train', 'both'):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -198,14 +200,6 @@ def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
         _, dt = _median_time(infer, steps, warmup)
         row.infer_images_per_sec = batch_size / dt
     return row
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def bench_layer(batch_size, size, width, groups, steps, warmup):

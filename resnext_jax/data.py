@@ -566,7 +566,8 @@ def _streamed(source, preprocess, seed, b, start_step, process_index, process_co
 
 def _one(fetch, index):
     """The stored item of one example (`fetch` reads batches)."""
-    return tf.nest.map_structure(lambda x: x[0], fetch(tf.constant([index], tf.int64)))
+    items = fetch(tf.reshape(tf.cast(index, tf.int64), [1]))
+    return tf.nest.map_structure(lambda x: x[0], items)
 
 
 def _batched(ds, b):

@@ -10,8 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets import dataset_builders
 
-from helpers import tiny_config
-from resnext_jax import data, train
+from resnext_jax import data
 from test_data import decode_ids, make_config, take
 
 NUM_TRAIN, NUM_EVAL, SIZE = 90, 17, 8
@@ -156,11 +155,3 @@ def test_tfrecord_resume_reads_at_most_one_epoch(prepared, caplog):
             for a, c in zip(resumed, full[late:]):
                 np.testing.assert_array_equal(a['image'], c['image'])
                 np.testing.assert_array_equal(a['label'], c['label'])
-
-
-def test_training_on_an_array_record_dataset(prepared, tmp_path):
-    """What a new user tries: a prepared ArrayRecord dataset, streamed."""
-    config = tiny_config(dataset='ids', data_dir=prepared['array_record'], in_memory=False,
-                         image_size=SIZE, num_train_steps=3, eval_every_epochs=100.0)
-    result = train.train_and_evaluate(config, tmp_path)
-    assert result['num_examples'] == NUM_EVAL and np.isfinite(result['loss'])
