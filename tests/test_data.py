@@ -81,11 +81,18 @@ def test_process_count_does_not_change_the_global_batch(digits, augment):
     start, steps, global_batch = 43, 4, 32  # 1437 / 32 ≈ 44.9: crosses the epoch boundary
     reference = take(data.train_batches(config, global_batch, start_step=start,
                                         source=digits), steps)
-    for count in (2, 4):
+    assert_process_counts_give(reference, config, digits, start)
+
+
+def assert_process_counts_give(reference, config, source, start, counts=(2, 4)):
+    """The local batches of 2 and 4 processes, from step `start`, joined are `reference` (one
+    process's global batches) bitwise."""
+    global_batch = len(reference[0]['label'])
+    for count in counts:
         parts = [take(data.train_batches(config, global_batch // count, start_step=start,
                                          process_index=i, process_count=count,
-                                         source=digits), steps) for i in range(count)]
-        for t in range(steps):
+                                         source=source), len(reference)) for i in range(count)]
+        for t in range(len(reference)):
             for key in ('image', 'label'):
                 joined = np.concatenate([parts[i][t][key] for i in range(count)])
                 np.testing.assert_array_equal(joined, reference[t][key])
