@@ -66,4 +66,5 @@ def get_config():
     c.keep_checkpoints = 3
     c.async_checkpoints = True     # save in a background thread while training goes on
     c.eval_only = False            # evaluate the restored (or initial) state once; no training
+    c.profile_steps = ''           # 'A:B': jax.profiler trace of steps A..B-1 in WORKDIR/tensorboard
     return c

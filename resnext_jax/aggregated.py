@@ -48,9 +48,12 @@ SLICE_WIDTH = 8  # channels per slice in 'sliced' (rounded up to whole groups)
 
 # He normal with fan-out, no truncation: the official code's `normal(0, sqrt(2 / (k·k·out)))`.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# Inference-mode batch norm with the official code's constants; models pass their own.
-default_norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9,
-                                 epsilon=1e-5)
+# Batch norm's constants as the official code has them (torch momentum 0.1 = a running average
+# kept at 0.9): the one definition, for this module and models.py. `default_norm` is inference
+# mode; the networks pass their own norm.
+BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
+default_norm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=BN_MOMENTUM,
+                                 epsilon=BN_EPSILON)
 
 
 def conv(x, kernel, strides=1, groups=1):

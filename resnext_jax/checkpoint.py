@@ -41,11 +41,14 @@ class Preempted(Exception):
 def run_meta(config, num_classes, class_names=None):
     """The JSON saved beside every state: what the state is, and how to feed it images (the
     preprocessing travels with the weights, as timm's pretrained configs do)."""
+    from resnext_jax.data import normalisation   # noqa: PLC0415 (TensorFlow: only here)
+    mean, std = normalisation(config)
     return {'model': config.model, 'model_options': _plain(dict(config.model_options)),
             'num_classes': int(num_classes), 'global_batch_size': config.batch_size,
             'dataset': config.dataset, 'image_size': config.image_size,
             'eval_image_size': config.eval_image_size or config.image_size,
             'eval_resize': config.eval_resize, 'augment': config.augment,
+            'mean': list(mean), 'std': list(std),
             **({'class_names': list(class_names)} if class_names else {})}
 
 

@@ -382,8 +382,20 @@ def _colour(image, seed, strength, lighting):
     return image
 
 
-def _preprocess_fn(config, train, encoding):
-    """Returns f(data, seed) -> normalised float32 (S, S, 3); seed is a stateless [2] seed."""
+def normalisation(config):
+    """(mean, std) per channel in 0..255 units: the config's `mean` / `std`, else the dataset's
+    (NORMALISATION), else ImageNet's."""
+    base = config.dataset.split(':')[0].split('/')[0]
+    mean, std = NORMALISATION.get(base, (IMAGENET_MEAN, IMAGENET_STD))
+    return (tuple(config.get('mean', None) or mean), tuple(config.get('std', None) or std))
+
+
+def preprocess_fn(config, train, encoding):
+    """f(data, seed) -> normalised float32 (S, S, 3), as the config's training (`train`) or
+    evaluation preprocesses an example; seed is a stateless [2] seed (unused by evaluation).
+    `encoding`: None for pixel arrays, 'file' for paths, 'bytes' for PNG/JPEG bytes. Any
+    ConfigDict with the fields it reads works: `predict` builds one from a checkpoint's
+    metadata, so images are fed to the weights as in training."""
     size, augment = config.image_size, config.get('augment', 'none')
     if not train:
         size = config.get('eval_image_size', None) or size
@@ -392,10 +404,7 @@ def _preprocess_fn(config, train, encoding):
         raise ValueError(f"augment '{augment}' is not one of {AUGMENTS}: fix --config.augment")
     pad = config.get('crop_padding', None)
     pad = size // 8 if pad is None else pad
-    base = config.dataset.split(':')[0].split('/')[0]
-    mean, std = NORMALISATION.get(base, (IMAGENET_MEAN, IMAGENET_STD))
-    mean = tf.constant(config.get('mean', None) or mean, tf.float32)
-    std = tf.constant(config.get('std', None) or std, tf.float32)
+    mean, std = (tf.constant(v, tf.float32) for v in normalisation(config))
 
     def preprocess(data, seed):
         crop_seed, flip_seed, colour_seed = tf.unstack(
@@ -451,7 +460,7 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
     if batch_size * process_count > source.num_train:
         raise ValueError(f'global batch {batch_size}×{process_count} exceeds the '
                          f'{source.num_train} train examples: lower --config.batch_size')
-    preprocess = _preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'))
+    preprocess = preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'))
     seed, b, auto = config.seed, batch_size, tf.data.AUTOTUNE
     if isinstance(source, TfdsSource):  # streaming: deterministic for a fixed process count
         return _streamed(source, preprocess, seed, b, start_step, process_index, process_count,
@@ -492,7 +501,7 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
     """Process-local eval batches with 'mask'; every process yields `num_eval_batches`."""
     _check_process(process_index, process_count)
     source = source or make_source(config)
-    preprocess = _preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'))
+    preprocess = preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'))
     no_seed = tf.zeros([2], tf.int64)
     size = config.get('eval_image_size', None) or config.image_size
     padding = {'image': tf.zeros([size, size, 3]), 'label': tf.constant(0),

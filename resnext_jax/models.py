@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from resnext_jax.aggregated import AggregatedTransform, Kernel, check_form, conv, default_norm
+from resnext_jax.aggregated import (BN_EPSILON, BN_MOMENTUM, AggregatedTransform, Kernel,
+                                    check_form, conv, default_norm)
 
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
 CIFAR_STAGES = {29: (3, 3, 3)}
@@ -30,8 +31,8 @@ class GroupedBatchNorm(nn.Module):
     """
     group_size: int
     use_running_average: bool = False
-    momentum: float = 0.9
-    epsilon: float = 1e-5
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
@@ -146,8 +147,8 @@ class ResNeXt(nn.Module):
     base_features: int = 256
     form: str = 'auto'
     zero_init_last_bn: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    bn_momentum: float = BN_MOMENTUM
+    bn_epsilon: float = BN_EPSILON
     bn_group_size: int | None = None  # training BN statistics per group of images, not batch
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

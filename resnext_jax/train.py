@@ -167,6 +167,39 @@ def make_steps(config, model, tx, mesh, shardings):
 # The run
 # ------------------------------------------------------------------------------------------
 
+class Profile:
+    """`profile_steps='A:B'`: a `jax.profiler` trace of steps A to B - 1 in `directory` (the
+    workdir's TensorBoard directory: its Profile tab shows it), written by process 0."""
+
+    def __init__(self, steps, directory, enabled):
+        first, _, last = steps.partition(':')
+        self.first, self.last = (int(first), int(last)) if steps and enabled else (0, 0)
+        self.directory, self.tracing = directory, False
+
+    def step(self, step, state):
+        """Call before running `step`; `state` is what the steps before it computed."""
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+        elif step == self.last and self.tracing:
+            self._stop(state)
+
+    def _stop(self, state):
+        jax.block_until_ready(state)   # the traced steps' work, not only their dispatch
+        jax.profiler.stop_trace()
+        self.tracing = False
+        logging.info('profile of steps %d to %d written to %s', self.first, self.last - 1,
+                     self.directory)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tracing:   # the run ended inside the range
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
 def train_and_evaluate(config, workdir, source=None):
     """Trains `config` in `workdir` (local or gs://), resuming if it holds a checkpoint.
 
@@ -263,9 +296,11 @@ def _run(config, workdir, source, mesh):
                                  source=source)
     pending, t0, t_start, result = [], time.perf_counter(), time.perf_counter(), None
     last = start if config.eval_only else num_steps
+    profile = Profile(config.profile_steps, workdir / 'tensorboard', process_index == 0)
     try:
-        with checkpoint.PreemptionWatch() as preemption:
+        with checkpoint.PreemptionWatch() as preemption, profile:
             for step in range(start + 1, last + 1):
+                profile.step(step, state)
                 state, step_metrics = p_train(state, parallel.global_batch(next(batches), mesh))
                 pending.append(step_metrics)
                 preempted = preemption.reached(step)

@@ -73,6 +73,17 @@ def sequence(rule, length=None, increasing=False):
                 (', increasing' if increasing else ''))
 
 
+def profile_steps():
+    def ok(v):
+        if not isinstance(v, str):
+            return False
+        if not v:
+            return True
+        first, _, last = v.partition(':')
+        return first.isdigit() and last.isdigit() and 0 < int(first) < int(last)
+    return ok, "'' (no trace) or 'A:B' with 0 < A < B: the steps A to B - 1 are traced"
+
+
 OTHER = None   # checked by `check_config` itself (`_check_model`)
 
 # Every field of configs/default.py: its rule. A comment says what is checked later, where the
@@ -125,6 +136,7 @@ FIELDS = {
     'keep_checkpoints': integer(1),
     'async_checkpoints': boolean(),
     'eval_only': boolean(),
+    'profile_steps': profile_steps(),
 }
 
 # ResNeXt fields a recipe may set in model_options (the others come from their own field).

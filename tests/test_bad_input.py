@@ -89,6 +89,8 @@ BAD = [  # field, value (on the quick-start recipe), what the message says is al
     ('fsdp_min_size', -1, 'an integer ≥ 0'),
     ('dataset', '', 'a non-empty string'),
     ('data_dir', '', 'None or a non-empty string'),
+    ('profile_steps', '3:2', "'A:B' with 0 < A < B"),
+    ('profile_steps', '5', "'A:B' with 0 < A < B"),
 ]
 
 

@@ -226,6 +226,28 @@ def test_predict_prints_the_top_5_of_each_image(converted, tmp_path, capsys):
     assert capsys.readouterr().err == f'error: {tmp_path / "nope.jpg"} does not exist\n'
 
 
+def test_predict_feeds_a_digits_checkpoint_as_its_training_evaluated(tmp_path):
+    """A workdir trained on 8×8 digits (augment 'cifar', the digits' mean and std): predict
+    gives the probabilities the run's own evaluation input gives, not ImageNet's 224 crop."""
+    config = helpers.tiny_config(num_train_steps=1)
+    train.train_and_evaluate(config, tmp_path / 'run')
+    source = data.make_source(config)
+    pixels = np.repeat(source.eval[0][:2], 3, axis=-1)   # two held-out digits, as RGB files
+    images = [str(tmp_path / f'{k}.png') for k in range(2)]
+    for path, image in zip(images, pixels):
+        tf.io.write_file(path, tf.io.encode_png(image))
+    batch = next(data.eval_batches(config, 8, source=source))
+    model, variables, meta = convert.load_model(tmp_path / 'run')
+    assert meta['mean'] == [77.8] * 3 and meta['std'] == [95.9] * 3 and meta['image_size'] == 8
+    for path, image in zip(images, batch['image'][:2]):
+        np.testing.assert_allclose(predict.load_image(path, meta), image, rtol=1e-6, atol=1e-6)
+    probs = np.asarray(jax.nn.softmax(model.apply(variables, batch['image'][:2])))
+    for (path, top), p in zip(predict.predict(tmp_path / 'run', images), probs):
+        best = int(np.argmax(p))
+        assert top[0][1] == str(best)
+        np.testing.assert_allclose(top[0][0], p[best], rtol=1e-4)
+
+
 def test_imagenet_class_names_come_with_tensorflow_datasets():
     names = predict.imagenet_class_names()
     assert len(names) == 1000 and names[0].startswith('tench') and names[1].startswith(

@@ -263,3 +263,9 @@ def test_the_console_keeps_only_our_info_lines():
     assert kept(cli.__file__) and kept(train.__file__) and kept(data.__file__)
     venv = '/home/me/resnext_jax/.venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py'
     assert not kept(venv) and kept(venv, logging.WARNING)
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
+    train.train_and_evaluate(tiny_config(num_train_steps=4, profile_steps='2:4'), tmp_path)
+    traces = list((tmp_path / 'tensorboard' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
