@@ -13,7 +13,8 @@ the median over `--steps` timed calls after `--warmup` untimed ones (the first c
 compiles, is timed separately). Memory is the device's peak where it reports one (GPU, TPU),
 else what XLA plans for the compiled step (arguments + outputs + temporaries). `--torch` times
 the same network built from torchvision's `ResNet` (groups, width_per_group) in the same
-process, channels_last, with `torch.optim.SGD`; torch and torchvision are an optional extra.
+process, channels_last, with `torch.optim.SGD`, on the device kind JAX uses (CPU, or CUDA for a
+GPU; `torch_device`); torch and torchvision are an optional extra.
 `--layer` times one 3×3 grouped convolution in every form instead of a network. `--input`
 times the input pipeline of a training config alone (`resnext_jax.data`: reading, decoding,
 augmentation, batching) for training and for evaluation, with this host's batch
@@ -171,13 +172,28 @@ def torch_model(name):
     return model
 
 
+def torch_device(jax_backend, cuda_available):
+    """Where PyTorch runs beside JAX: on the same kind of device, so that "×torch" compares like
+    with like ('cpu' or 'cuda'); a ValueError where it cannot."""
+    if jax_backend == 'cpu':
+        return 'cpu'
+    if jax_backend == 'gpu' and cuda_available:
+        return 'cuda'
+    raise ValueError(f'--torch: JAX runs on {jax_backend}, where this PyTorch cannot run '
+                     '(a GPU needs a CUDA build of torch; TPUs are not compared); drop --torch '
+                     'or run on CPU with JAX_PLATFORMS=cpu')
+
+
 def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
     import torch  # noqa: PLC0415
-    model = torch_model(name).to(memory_format=torch.channels_last)
-    row = Row('torch', f'torchvision {torch.__version__}')
-    x = torch.randn(batch_size, 3, image_size, image_size).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,))
-    cast = (torch.autocast('cpu', torch.bfloat16) if dtype == 'bfloat16'
+    device = torch_device(jax.default_backend(), torch.cuda.is_available())
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    model = torch_model(name).to(device, memory_format=torch.channels_last)
+    row = Row('torch', f'torchvision {torch.__version__} ({device})')
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    cast = (torch.autocast(device, torch.bfloat16) if dtype == 'bfloat16'
             else contextlib.nullcontext())
     if mode in ('train', 'both'):
         model.train()
@@ -189,6 +205,7 @@ def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
+            sync()   # GPU work is asynchronous: time it to the end
         _, dt = _median_time(step, steps, warmup)
         row.train_images_per_sec = batch_size / dt
     if mode in ('infer', 'both'):
@@ -197,6 +214,7 @@ def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
         def infer():
             with torch.inference_mode(), cast:
                 model(x)
+            sync()
         _, dt = _median_time(infer, steps, warmup)
         row.infer_images_per_sec = batch_size / dt
     return row
@@ -372,6 +390,8 @@ def main(argv=None):
             except ImportError:
                 raise ValueError("--torch needs torch and torchvision: pip install -e '.[torch]'"
                                  ) from None
+            import torch  # noqa: PLC0415
+            torch_device(jax.default_backend(), torch.cuda.is_available())
     except ValueError as e:
         sys.exit(f'error: {e}')
     size = args.image_size or (32 if spec['stem'] == 'cifar' else 224)

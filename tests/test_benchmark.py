@@ -82,3 +82,12 @@ def test_input_pipeline_benchmark():
     bad = run()
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         'error: --input needs --config=configs/NAME.py[:ROW]']
+
+
+def test_torch_is_timed_on_the_kind_of_device_jax_uses():
+    assert benchmark.torch_device('cpu', cuda_available=True) == 'cpu'
+    assert benchmark.torch_device('gpu', cuda_available=True) == 'cuda'
+    with pytest.raises(ValueError, match='JAX runs on gpu, where this PyTorch cannot run'):
+        benchmark.torch_device('gpu', cuda_available=False)   # a CPU-only torch on a GPU host
+    with pytest.raises(ValueError, match='JAX runs on tpu'):
+        benchmark.torch_device('tpu', cuda_available=False)
