@@ -307,14 +307,15 @@ def _run(config, workdir, source, mesh):
                 if step % config.log_every_steps == 0 or step == num_steps or preempted:
                     log_train(step, pending, time.perf_counter() - t0)
                     pending, t0 = [], time.perf_counter()
+                if step % eval_every == 0 or step == num_steps:
+                    # Before a preemption's save too: the resumed run starts after this step.
+                    result = run_eval(step)
                 if preempted:
                     checkpoints.save(step, state, meta)
                     checkpoints.wait()
                     raise checkpoint.Preempted(
                         f'preempted: saved step {step} of {num_steps} in '
                         f'{checkpoints.directory}; run the same command again to resume')
-                if step % eval_every == 0 or step == num_steps:
-                    result = run_eval(step)
                 if step % config.checkpoint_every_steps == 0 or step == num_steps:
                     checkpoints.save(step, state, meta)
         if result is None:  # eval_only or nothing left to train: report the restored state

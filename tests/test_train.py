@@ -77,6 +77,16 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'resumed')[0],
                        checkpoint.load_checkpoint(tmp_path / 'full')[0])
 
+    # A preemption notice at an evaluation step (3): that step is evaluated before the save,
+    # since the resumed run starts after it.
+    monkeypatch.setattr(checkpoint.PreemptionWatch, 'reached', lambda self, step: step == 3)
+    with pytest.raises(checkpoint.Preempted, match='saved step 3 of 6'):
+        train.train_and_evaluate(config, tmp_path / 'preempted')
+    monkeypatch.undo()
+    assert train.train_and_evaluate(config, tmp_path / 'preempted') == full
+    for split in ('train', 'eval'):
+        assert read_metrics(tmp_path / 'preempted', split) == read_metrics(tmp_path / 'full', split)
+
     # A finished run re-evaluates and stops; a different global batch is refused.
     assert train.train_and_evaluate(config, tmp_path / 'full') == full
     with pytest.raises(ValueError, match='global_batch_size=16 but the config says 32'):
