@@ -466,16 +466,16 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
         return _streamed(source, preprocess, seed, b, start_step, process_index, process_count,
                          config.get('shuffle_buffer', 10_000))
     fetch, parse = source.reader('train')
-    seed = tf.constant(seed, tf.int64)
+    seed64 = tf.constant(seed, tf.int64)
     lo = process_index * b
 
     def positions(step):   # (stream position, example index) of this process's batch `step`
-        ds = _index_stream(source.num_train, config.seed, step * b * process_count)
+        ds = _index_stream(source.num_train, seed, step * b * process_count)
         return ds.batch(b * process_count).map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
 
     def example(p, item):
         image, label = parse(item)
-        return {'image': preprocess(image, tf.stack([seed, p])), 'label': label}
+        return {'image': preprocess(image, tf.stack([seed64, p])), 'label': label}
 
     def batches(step, unreadable):
         ds = positions(step)
@@ -531,11 +531,12 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
     fetch, parse = source.reader('eval')
 
     def batches(first, unreadable):
-        readable = tf.constant(~np.isin(np.arange(source.num_eval), list(unreadable)))
+        readable = (tf.constant(~np.isin(np.arange(source.num_eval), list(unreadable)))
+                    if unreadable else None)   # unreadable examples are masked out like padding
         ds = tf.data.Dataset.from_tensor_slices(local[first * batch_size:]).batch(batch_size)
         ds = ds.map(lambda i: (i, fetch(i)), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
         ds = ds.map(lambda i, item: example(*parse(item),
-                                            tf.gather(readable, i) if unreadable else None),
+                                            None if readable is None else tf.gather(readable, i)),
                     num_parallel_calls=tf.data.AUTOTUNE)
         return finish(ds, first).as_numpy_iterator()
 

@@ -43,14 +43,13 @@ def imagenet_class_names():
 
 def eval_config(meta):
     """The fields of a training config that evaluation preprocessing reads, from a checkpoint's
-    metadata; what it lacks (converted weights record only the model) is ImageNet's."""
-    size = meta.get('image_size') or 224
+    metadata; what it lacks (converted weights record only the model) is ImageNet's. Missing
+    eval sizes and statistics are left to `data.preprocess_fn`'s own defaults."""
     return ml_collections.ConfigDict({
-        'dataset': meta.get('dataset') or 'imagenet2012', 'image_size': size,
-        'eval_image_size': meta.get('eval_image_size') or size,
+        'dataset': meta.get('dataset') or 'imagenet2012',
+        'image_size': meta.get('image_size') or 224,
         'augment': meta.get('augment') or 'imagenet',
-        'eval_resize': meta.get('eval_resize') or round(size * 256 / 224),
-        'mean': meta.get('mean'), 'std': meta.get('std')})
+        **{k: meta.get(k) for k in ('eval_image_size', 'eval_resize', 'mean', 'std')}})
 
 
 def load_image(path, meta=None):
