@@ -28,7 +28,8 @@ def get_config():
     c.in_memory = config_dict.placeholder(bool)  # None: decided by dataset size
     c.image_size = 224
     c.eval_image_size = config_dict.placeholder(int)  # test crop; None: image_size
-    c.eval_resize = 256            # shorter side before the centre crop ('imagenet' augment)
+    c.eval_resize = config_dict.placeholder(int)  # shorter side before the eval centre crop
+    #                              ('imagenet' augment); None: the crop × 256/224, as 256 → 224
     c.augment = 'imagenet'         # 'imagenet', 'cifar' or 'none'
     c.color_jitter = 0.0           # brightness/contrast/saturation ± this, random order
     c.pca_lighting = 0.0           # std of the PCA lighting noise (official code: 0.1)

@@ -34,7 +34,7 @@ from resnext_jax.tables import ALIASES, ROW_IDS
 
 def imagenet(c):
     c.dataset, c.train_split, c.eval_split = 'imagenet2012', 'train', 'validation'
-    c.image_size, c.eval_resize, c.augment = 224, 256, 'imagenet'
+    c.image_size, c.augment = 224, 'imagenet'   # eval: shorter side 256, centre 224
     c.color_jitter, c.pca_lighting = 0.4, 0.1
     c.batch_size, c.learning_rate, c.lr_base_batch_size = 256, 0.1, 256
     c.momentum, c.nesterov, c.weight_decay = 0.9, True, 1e-4
@@ -69,6 +69,5 @@ def get_config(row='table3_resnext50_32x4d'):
     else:
         cifar(c, spec.dataset)
     if spec.eval_size:
-        c.eval_image_size = spec.eval_size
-        c.eval_resize = round(spec.eval_size * 256 / 224)
+        c.eval_image_size = spec.eval_size   # resized to eval_size × 256/224 first
     return c

@@ -280,8 +280,8 @@ def bench_input(config, part, seconds, source=None):
     """The input pipeline alone: {'part', 'images', 'seconds', 'images_per_sec', 'cpu_cores',
     'images_per_core_sec'} over `seconds` after its first batch (which builds it). `part` is
     'train' (augmented, endless) or 'eval' (repeated; padding is not counted)."""
-    from resnext_jax import data   # TensorFlow: only for this mode
-    source = source or data.make_source(config)
+    from resnext_jax import data, sources   # TensorFlow: only for this mode
+    source = source or sources.make_source(config)
 
     def batches():
         if part == 'train':
@@ -301,10 +301,10 @@ def bench_input(config, part, seconds, source=None):
 
 
 def source_kind(source):
-    from resnext_jax import data
-    if isinstance(source, data.RecordSource):
+    from resnext_jax import sources
+    if isinstance(source, sources.RecordSource):
         return 'TFDS ArrayRecord, read by index'
-    if isinstance(source, data.TfdsSource):
+    if isinstance(source, sources.TfdsSource):
         return 'TFDS TFRecord, streamed'
     if getattr(source, 'encoding', None) == 'file':
         return 'image folder'
@@ -326,10 +326,10 @@ def input_main(argv):
         if config is None:
             sys.exit('error: --input needs --config=configs/NAME.py[:ROW]')
         os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-        from resnext_jax import data, validate   # TensorFlow starts now
+        from resnext_jax import sources, validate   # TensorFlow starts now
         try:
             validate.check_config(config)
-            source = data.make_source(config)
+            source = sources.make_source(config)
         except ValueError as e:
             sys.exit(f'error: {e}')
         rows = [bench_input(config, part, flags.FLAGS.seconds, source)

@@ -41,14 +41,10 @@ class Preempted(Exception):
 def run_meta(config, num_classes, class_names=None):
     """The JSON saved beside every state: what the state is, and how to feed it images (the
     preprocessing travels with the weights, as timm's pretrained configs do)."""
-    from resnext_jax.data import normalisation   # noqa: PLC0415 (TensorFlow: only here)
-    mean, std = normalisation(config)
+    from resnext_jax import preprocess   # noqa: PLC0415 (TensorFlow: only here)
     return {'model': config.model, 'model_options': _plain(dict(config.model_options)),
             'num_classes': int(num_classes), 'global_batch_size': config.batch_size,
-            'dataset': config.dataset, 'image_size': config.image_size,
-            'eval_image_size': config.eval_image_size or config.image_size,
-            'eval_resize': config.eval_resize, 'augment': config.augment,
-            'mean': list(mean), 'std': list(std),
+            **_plain(preprocess.eval_settings(config)),
             **({'class_names': list(class_names)} if class_names else {})}
 
 
@@ -81,6 +77,7 @@ class Checkpoints:
         self.directory = epath.Path(workdir) / 'checkpoints'
         self._manager = _manager(self.directory, keep, async_save, create=True)
         self.newest_finite = None   # the newest step known to be saved (all saved are finite)
+        self.restored_meta = None   # the metadata of the checkpoint `restore` returned
 
     def restore(self, abstract, shardings, meta):
         """(state, step) of the newest readable checkpoint, placed with `shardings`, or
@@ -93,8 +90,9 @@ class Checkpoints:
         for step in steps:
             try:
                 what = f'the checkpoint at step {step} in {self.directory}'
-                _check_match(_read(self._manager.restore, step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))['meta'], meta, what)
+                saved = _read(self._manager.restore, step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))['meta']
+                _check_match(saved, meta, what)
                 _check_tree(_read(lambda: self._manager.item_metadata(step)['state'].tree),
                             abstract, what)
                 state = _read(self._manager.restore, step, args=ocp.args.Composite(
@@ -108,7 +106,7 @@ class Checkpoints:
                 unreadable.append(step)
                 continue
             self._set_aside(unreadable)
-            self.newest_finite = step
+            self.newest_finite, self.restored_meta = step, saved
             return state, step
         if unreadable:
             self._set_aside(unreadable)
@@ -328,10 +326,11 @@ def save_variables(directory, variables, meta):
 
 
 def init_from(state, directory):
-    """`state` with the params and BN statistics of the newest checkpoint in `directory` (from
+    """(state, meta): `state` with the params and BN statistics of the newest checkpoint in `directory` (from
     `python -m resnext_jax.convert`, or a training workdir), placed like `state`; step and
     optimizer state stay fresh. A head for another number of classes keeps its fresh
-    initialisation; every other variable must match in name and shape."""
+    initialisation; every other variable must match in name and shape. `meta`: the checkpoint's
+    metadata."""
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory')
     saved, meta = load_checkpoint(directory)
@@ -352,4 +351,4 @@ def init_from(state, directory):
 
     placed = jax.tree_util.tree_map(place, saved, fresh)
     logging.info('initialised from %s (%s)', directory, meta.get('model'))
-    return state.replace(params=placed['params'], batch_stats=placed['batch_stats'])
+    return state.replace(params=placed['params'], batch_stats=placed['batch_stats']), meta

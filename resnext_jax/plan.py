@@ -65,12 +65,12 @@ def check_batch(global_batch, tpu_slice):
 
 def dataset_classes(config):
     """The number of classes of `config.dataset`, read without its data."""
-    from resnext_jax import data
+    from resnext_jax import sources
     if config.dataset == 'digits' or config.dataset.startswith('folder:'):
-        return data.make_source(config).num_classes
+        return sources.make_source(config).num_classes
     import tensorflow_datasets as tfds
     try:
-        builder = tfds.builder(config.dataset, data_dir=config.get('data_dir'))
+        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
         return builder.info.features['label'].num_classes
     except Exception:
         raise ValueError(f'cannot tell the number of classes of dataset {config.dataset!r}: '

@@ -3,7 +3,7 @@
     python -m resnext_jax.predict --checkpoint ckpt/ cat.jpg dog.png
     python -m resnext_jax.predict --checkpoint runs/r50 --model resnet50 photo.jpg
 
-Each image is preprocessed as the checkpoint's evaluation was (`data.preprocess_fn`, from the
+Each image is preprocessed as the checkpoint's evaluation was (`preprocess.preprocess_fn`, from the
 image size, eval crop and resize, augment family and normalisation its metadata records): for
 ImageNet weights and converted ones the shorter side resized to 256, the centre 224×224
 cropped and the ImageNet mean and std; for a CIFAR or digits run its own size and statistics.
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from resnext_jax import convert, data
+from resnext_jax import convert, preprocess
 
 
 def imagenet_class_names():
@@ -42,14 +42,13 @@ def imagenet_class_names():
 
 
 def eval_config(meta):
-    """The fields of a training config that evaluation preprocessing reads, from a checkpoint's
-    metadata; what it lacks (converted weights record only the model) is ImageNet's. Missing
-    eval sizes and statistics are left to `data.preprocess_fn`'s own defaults."""
-    return ml_collections.ConfigDict({
-        'dataset': meta.get('dataset') or 'imagenet2012',
-        'image_size': meta.get('image_size') or 224,
-        'augment': meta.get('augment') or 'imagenet',
-        **{k: meta.get(k) for k in ('eval_image_size', 'eval_resize', 'mean', 'std')}})
+    """The config fields evaluation preprocessing reads (`preprocess.EVAL_FIELDS`), from a
+    checkpoint's metadata; what it lacks (converted weights record only the model) is
+    ImageNet's, as configs/default.py has it (eval size and statistics then follow from the
+    dataset and image size)."""
+    imagenet = {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet'}
+    return ml_collections.ConfigDict(
+        {k: meta.get(k) or imagenet.get(k) for k in preprocess.EVAL_FIELDS})
 
 
 def load_image(path, meta=None):
@@ -57,9 +56,9 @@ def load_image(path, meta=None):
     the checkpoint whose metadata is `meta` was (default: ImageNet's)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist')
-    preprocess = data.preprocess_fn(eval_config(meta or {}), train=False, encoding='file')
+    transform = preprocess.preprocess_fn(eval_config(meta or {}), train=False, encoding='file')
     try:
-        return preprocess(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
+        return transform(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
     except tf.errors.OpError:
         raise ValueError(f'{path} is not an image that TensorFlow can decode') from None
 

@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from resnext_jax import checkpoint, data, parallel, validate
+from resnext_jax import checkpoint, data, parallel, preprocess, sources, validate
 from resnext_jax.metrics import MetricsWriter
 from resnext_jax.models import create_model
 
@@ -203,7 +203,7 @@ class Profile:
 def train_and_evaluate(config, workdir, source=None):
     """Trains `config` in `workdir` (local or gs://), resuming if it holds a checkpoint.
 
-    `source` replaces `config.dataset`, e.g. a `resnext_jax.data.ArraySource` of numpy arrays.
+    `source` replaces `config.dataset`, e.g. a `resnext_jax.sources.ArraySource` of numpy arrays.
     Returns the final evaluation metrics.
     """
     validate.check_config(config)
@@ -221,8 +221,8 @@ def _run(config, workdir, source, mesh):
         raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
                          f'{jax.device_count()} devices; choose a multiple of the device count')
     local_batch = config.batch_size // process_count
-    source = source or data.make_source(config)
-    info = data.dataset_info(config, source)
+    source = source or sources.make_source(config)
+    info = sources.dataset_info(config, source)
     steps_per_epoch = info.num_train // config.batch_size
     if not info.num_eval:
         raise ValueError(f'the eval split {config.eval_split!r} of {config.dataset} has no '
@@ -250,12 +250,17 @@ def _run(config, workdir, source, mesh):
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints,
                                          async_save=config.async_checkpoints)
     state, start = checkpoints.restore(abstract, shardings, meta)
+    weights = None   # (where, metadata) of weights that were not initialised here
     if state is not None:
         logging.info('resumed from %s at step %d', checkpoints.directory, start)
+        weights = (f'{checkpoints.directory}/{start}', checkpoints.restored_meta)
     else:
         state = jax.jit(init, out_shardings=shardings)(rng)
         if config.init_from:
-            state = checkpoint.init_from(state, config.init_from)
+            state, saved = checkpoint.init_from(state, config.init_from)
+            weights = (config.init_from, saved)
+    if config.eval_only and weights:   # fed images as the weights were trained
+        config = preprocess.as_trained(config, weights[1], weights[0])
     params_count = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))
     logging.info('%s: %s parameters, %d devices in %d processes, %d steps of %d images',
                  config.model, f'{params_count:,}', jax.device_count(), process_count,

@@ -13,8 +13,8 @@ import tempfile
 from absl import logging
 from etils import epath
 
+from resnext_jax import preprocess
 from resnext_jax.aggregated import FORMS
-from resnext_jax.data import AUGMENTS
 from resnext_jax.models import STEMS, model_spec
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -97,15 +97,15 @@ FIELDS = {
     'zero_init_last_bn': boolean(),
     'bn_group_size': integer(0),                # and divides batch_size
     'init_from': string(),                      # existence: checkpoint.init_from, when read
-    'dataset': string(non_empty=True),          # name, folder, splits: data.make_source
+    'dataset': string(non_empty=True),          # name, folder, splits: sources.make_source
     'train_split': string(non_empty=True),
     'eval_split': string(non_empty=True),
-    'data_dir': optional(string(non_empty=True)),  # whether it holds the data: data.make_source
+    'data_dir': optional(string(non_empty=True)),  # whether it holds the data: sources.make_source
     'in_memory': optional(boolean()),
     'image_size': integer(1),                   # see _check_image_size
     'eval_image_size': optional(integer(1)),
-    'eval_resize': integer(1),                  # ≥ the eval crop with augment 'imagenet'
-    'augment': one_of(*AUGMENTS),
+    'eval_resize': optional(integer(1)),        # ≥ the eval crop with augment 'imagenet'
+    'augment': one_of(*preprocess.AUGMENTS),
     'color_jitter': number(0, 1),               # factors 1 ± color_jitter stay ≥ 0
     'pca_lighting': number(0),
     'mean': optional(sequence(number(0, 255), 3)),
@@ -179,8 +179,8 @@ def check_config(config):
     if config.bn_group_size and config.batch_size % config.bn_group_size:
         raise ValueError(f'bn_group_size {config.bn_group_size} does not divide batch_size '
                          f'{config.batch_size}: fix --config.bn_group_size')
-    eval_size = config.eval_image_size or config.image_size
-    if config.augment == 'imagenet' and config.eval_resize < eval_size:
+    eval_size = preprocess.eval_size(config)
+    if config.augment == 'imagenet' and preprocess.eval_resize(config) < eval_size:
         raise ValueError(f'eval_resize {config.eval_resize} is smaller than the eval crop '
                          f'{eval_size}: fix --config.eval_resize (e.g. {round(eval_size * 8 / 7)})')
     _check_image_size(model, config.image_size, eval_size)

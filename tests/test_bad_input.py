@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default, paper, quickstart
-from resnext_jax import create_model, data, tables, validate
+from resnext_jax import create_model, data, sources, tables, validate
 from resnext_jax.metrics import MetricsWriter
 from test_data import make_config, take
 from helpers import TINY, run_cli, tiny_config
@@ -110,8 +110,8 @@ def test_bad_value_is_one_line_naming_field_value_range_and_flag(field, value, a
                           '--config.num_epochs'),
     ({'batch_size': 64, 'bn_group_size': 24}, 'bn_group_size 24 does not divide batch_size 64: '
                                               'fix --config.bn_group_size'),
-    ({'augment': 'imagenet', 'eval_image_size': 320}, 'eval_resize 256 is smaller than the eval '
-                                                      'crop 320: fix --config.eval_resize'),
+    ({'augment': 'imagenet', 'eval_image_size': 320, 'eval_resize': 256},
+     'eval_resize 256 is smaller than the eval crop 320: fix --config.eval_resize'),
     ({'model': 'resnext51_32x4d'}, "unknown model 'resnext51_32x4d'; use one of list_models()"),
     ({'model_options': {'stage_size': (1, 1)}}, "model_options key 'stage_size' is not one of "),
     ({'model_options': {'stage_sizes': (1, 0)}}, 'model_options.stage_sizes (1, 0) is not a tuple '
@@ -299,7 +299,7 @@ def test_unreadable_image_stops_with_one_line_naming_it(tmp_path):
     for augment in ('none', 'imagenet', 'cifar'):   # each decodes its own way
         config = folder_config(tmp_path, augment=augment)
         config.image_size = 8
-        source = data.make_source(config)
+        source = sources.make_source(config)
         with pytest.raises(ValueError, match=(
                 rf'^cannot decode train image {tmp_path}/train/b/05.png \(.+\): replace or remove '
                 r'it, or set --config.skip_corrupt_images=True to skip unreadable images$')):
@@ -311,7 +311,7 @@ def test_unreadable_image_stops_with_one_line_naming_it(tmp_path):
 
 def test_unreadable_encoded_bytes_are_named_by_position():
     images = np.array([png(i) for i in range(8)] + [b'garbage'], dtype=object)
-    source = data.EncodedSource('bytes', images, np.zeros(9), images[:2], [0, 0], 1)
+    source = sources.EncodedSource('bytes', images, np.zeros(9), images[:2], [0, 0], 1)
     config = make_config(image_size=4, augment='none', mean=(0.,) * 3, std=(1.,) * 3)
     with pytest.raises(ValueError, match=r'^cannot decode train image #8 \(Unknown image file'):
         take(data.train_batches(config, 9, source=source), 1)
@@ -327,7 +327,7 @@ def test_skipped_images_give_the_same_stream_for_any_process_count_and_on_resume
                        bad=BAD_TRAIN + ('val/a/02.png',))
     config = folder_config(tmp_path, skip_corrupt_images=True)
     with caplog.at_level(logging.WARNING):
-        stream = take(data.train_batches(config, 6, source=data.make_source(config)), 12)
+        stream = take(data.train_batches(config, 6, source=sources.make_source(config)), 12)
     for k, rel in enumerate(BAD_TRAIN, 1):
         assert f'skipping unreadable train image {tmp_path}/{rel} (' in caplog.text
         assert f'{k} skipped so far' in caplog.text
@@ -336,15 +336,15 @@ def test_skipped_images_give_the_same_stream_for_any_process_count_and_on_resume
     replaced = np.array([4 if i == 3 else 19 if i in (17, 18) else i for i in range(24)])
     pixels = np.zeros((24, 4, 4, 1), np.float32)
     pixels[:, 0, 0, 0] = replaced
-    in_memory = data.ArraySource(pixels, replaced // 12, pixels[:2], [0, 1], 2)
+    in_memory = sources.ArraySource(pixels, replaced // 12, pixels[:2], [0, 1], 2)
     expected = take(data.train_batches(config, 6, source=in_memory), 12)   # 3 epochs
     for got, want in zip(stream, expected):
         np.testing.assert_array_equal(decode_ids(got), decode_ids(want))
         np.testing.assert_array_equal(got['label'], want['label'])
     assert not {3, 17, 18} & set(np.concatenate([decode_ids(b) for b in stream]))
     halves = [take(data.train_batches(config, 3, process_index=i, process_count=2,
-                                      source=data.make_source(config)), 12) for i in range(2)]
-    resumed = take(data.train_batches(config, 6, start_step=7, source=data.make_source(config)),
+                                      source=sources.make_source(config)), 12) for i in range(2)]
+    resumed = take(data.train_batches(config, 6, start_step=7, source=sources.make_source(config)),
                    5)
     for t in range(12):
         np.testing.assert_array_equal(
@@ -353,7 +353,7 @@ def test_skipped_images_give_the_same_stream_for_any_process_count_and_on_resume
     for got, want in zip(resumed, stream[7:]):
         np.testing.assert_array_equal(decode_ids(got), decode_ids(want))
     # Evaluation masks the unreadable image out: every other example counted once.
-    batches = list(data.eval_batches(config, 4, source=data.make_source(config)))
+    batches = list(data.eval_batches(config, 4, source=sources.make_source(config)))
     seen = np.concatenate([decode_ids(b)[b['mask'] == 1] for b in batches])
     assert sorted(seen) == [i for i in range(10) if i != ids['val/a/02.png']]
 
@@ -365,10 +365,10 @@ def test_empty_class_folder(tmp_path, caplog):
     (tmp_path / 'train' / 'c' / 'notes.txt').write_text('no images here')
     with pytest.raises(ValueError, match=rf'^class folder {tmp_path}/train/c has no '
                                          r'.jpg/.jpeg/.png images: add its images or remove'):
-        data.make_source(folder_config(tmp_path))
+        sources.make_source(folder_config(tmp_path))
     (tmp_path / 'train' / 'c' / '00.png').write_bytes(png(0))
     with caplog.at_level(logging.WARNING):   # an eval split without a class: just not scored
-        source = data.make_source(folder_config(tmp_path))
+        source = sources.make_source(folder_config(tmp_path))
     assert (source.num_classes, source.num_eval) == (3, 2)
     assert f'class folder {tmp_path}/val/c has no images' in caplog.text
 
@@ -400,8 +400,8 @@ def test_non_finite_pixels_are_refused_at_construction(part):
     arrays = {'train': images, 'eval': images, part: broken}
     with pytest.raises(ValueError, match=rf'^{part} images: 2 of 6 have NaN or infinite pixels '
                                          r'\(the first is image 1\); replace those pixels'):
-        data.ArraySource(arrays['train'], np.zeros(6), arrays['eval'], np.zeros(6), 1)
+        sources.ArraySource(arrays['train'], np.zeros(6), arrays['eval'], np.zeros(6), 1)
     too_big = images.copy()
     too_big[5, 0, 0, 0] = 1e300   # finite in float64, infinite as the float32 it becomes
     with pytest.raises(ValueError, match='1 of 6 have NaN or infinite'):
-        data.ArraySource(too_big, np.zeros(6), images, np.zeros(6), 1)
+        sources.ArraySource(too_big, np.zeros(6), images, np.zeros(6), 1)

@@ -1,21 +1,22 @@
 """Input pipeline: splits, multi-host equivalence, resume, epochs, eval padding, sources, errors."""
 import itertools
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from resnext_jax import data
+from configs import default
+from resnext_jax import data, preprocess, sources
 
 
 def make_config(**kw):
-    base = dict(dataset='digits', train_split='train', eval_split='test', data_dir=None,
-                image_size=16, augment='cifar', shuffle_buffer=64, seed=3, in_memory=None,
-                mean=None, std=None)
-    return ml_collections.ConfigDict({**base, **kw})
+    config = default.get_config()
+    config.update(dataset='digits', train_split='train', eval_split='test', image_size=16,
+                  augment='cifar', shuffle_buffer=64, seed=3)
+    config.update(kw)
+    return config
 
 
 def take(iterator, n):
@@ -29,7 +30,7 @@ def index_source(num_train, num_eval, size=4):
         x[:, 0, 0, 0], x[:, 0, 1, 0] = ids // 256, ids % 256
         return x
     train, evals = np.arange(num_train), 1000 + np.arange(num_eval)
-    return data.ArraySource(images(train), train % 5, images(evals), evals % 5, 5)
+    return sources.ArraySource(images(train), train % 5, images(evals), evals % 5, 5)
 
 
 def decode_ids(batch):
@@ -40,13 +41,13 @@ def decode_ids(batch):
 
 @pytest.fixture(scope='module')
 def digits():
-    return data.make_source(make_config())
+    return sources.make_source(make_config())
 
 
 def test_digits_split_is_the_held_out_fifth(digits):
     config = make_config(image_size=8, augment='none', mean=(0., 0., 0.), std=(1., 1., 1.))
-    info = data.dataset_info(config, digits)
-    assert info == data.DatasetInfo(10, 1437, 360, 8)
+    info = sources.dataset_info(config, digits)
+    assert info == sources.DatasetInfo(10, 1437, 360, 8)
     sk = load_digits()
     held_out = np.random.default_rng(0).permutation(1797)[-360:]
     expected = np.round(sk.images[held_out] * 255 / 16)
@@ -135,7 +136,7 @@ def test_batches_cross_epoch_boundaries_as_one_stream():
 def test_eval_covers_every_example_once(count):
     source = index_source(20, 23)
     config = make_config(augment='none', image_size=4, mean=(0.,) * 3, std=(1.,) * 3)
-    expected_batches = data.num_eval_batches(data.dataset_info(config, source), 4, count)
+    expected_batches = data.num_eval_batches(sources.dataset_info(config, source), 4, count)
     assert expected_batches == -(-(-(-23 // count)) // 4)
     seen = []
     for i in range(count):
@@ -154,7 +155,7 @@ def test_eval_covers_every_example_once(count):
 def test_grayscale_and_float_array_source():
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (10, 6, 6, 1)).astype(np.uint8)
-    source = data.ArraySource(gray, np.arange(10) % 2, gray[:3], [0, 1, 0], 2)
+    source = sources.ArraySource(gray, np.arange(10) % 2, gray[:3], [0, 1, 0], 2)
     config = make_config(augment='none', image_size=6, mean=(0.,) * 3, std=(1.,) * 3)
     ev = next(data.eval_batches(config, 3, source=source))
     np.testing.assert_array_equal(ev['image'], np.repeat(gray[:3], 3, -1).astype(np.float32))
@@ -173,8 +174,8 @@ def test_folder_source(tmp_path):
                 (folder / f'{k}.png').write_bytes(png.numpy())
             (folder / 'notes.txt').write_text('not an image')
     config = make_config(dataset=f'folder:{tmp_path}', eval_split='val', image_size=8)
-    source = data.make_source(config)
-    assert data.dataset_info(config, source) == data.DatasetInfo(3, 9, 3, 8)
+    source = sources.make_source(config)
+    assert sources.dataset_info(config, source) == sources.DatasetInfo(3, 9, 3, 8)
     ev = list(data.eval_batches(config, 8, source=source))
     assert len(ev) == 1 and ev[0]['mask'].sum() == 3
     assert list(ev[0]['label'][:3]) == [0, 2, 2]  # cat, emu, emu in sorted class order
@@ -190,11 +191,11 @@ def test_folder_errors(tmp_path):
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     config = make_config(dataset=f'folder:{tmp_path}', eval_split='val')
     with pytest.raises(ValueError, match='no .* images'):
-        data.make_source(config)
+        sources.make_source(config)
     (tmp_path / 'train' / 'a' / 'x.png').write_bytes(
         tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy())
     with pytest.raises(ValueError, match='val does not exist'):
-        data.make_source(config)
+        sources.make_source(config)
 
 
 def test_tfds_cifar10_in_memory_and_streaming():
@@ -202,9 +203,9 @@ def test_tfds_cifar10_in_memory_and_streaming():
     with tfds.testing.mock_data(num_examples=24):
         for in_memory in (None, False):
             config.in_memory = in_memory
-            source = data.make_source(config)
-            assert isinstance(source, data.TfdsSource) == (in_memory is False)
-            info = data.dataset_info(config, source)
+            source = sources.make_source(config)
+            assert isinstance(source, sources.TfdsSource) == (in_memory is False)
+            info = sources.dataset_info(config, source)
             assert (info.num_classes, info.num_train, info.num_eval) == (10, 24, 24)
             batch = next(data.train_batches(config, 8, source=source))
             assert batch['image'].shape == (8, 32, 32, 3) and batch['label'].dtype == np.int32
@@ -216,8 +217,8 @@ def test_tfds_streaming_resume_and_imagenet_crop():
     config = make_config(dataset='imagenet2012', image_size=24, augment='imagenet',
                          in_memory=False, shuffle_buffer=16)
     with tfds.testing.mock_data(num_examples=20):
-        source = data.make_source(config)
-        assert isinstance(source, data.TfdsSource) and source.num_classes == 1000
+        source = sources.make_source(config)
+        assert isinstance(source, sources.TfdsSource) and source.num_classes == 1000
         full = take(data.train_batches(config, 4, source=source), 8)
         resumed = take(data.train_batches(config, 4, start_step=5, source=source), 3)
         for a, b in zip(resumed, full[5:]):
@@ -229,20 +230,37 @@ def test_tfds_streaming_resume_and_imagenet_crop():
         assert ev['image'].shape == (4, 24, 24, 3) and ev['mask'].all()
 
 
+def test_the_eval_resize_keeps_its_ratio_when_the_image_size_changes():
+    """augment 'imagenet' evaluates the shorter side resized to crop × 256/224: at image_size
+    112 a 128 × 96 image is resized to 171 × 128 and centre-cropped, as the paper's 256 → 224
+    (the old default, a fixed 256, resized it to 341 × 256 instead)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (128, 96, 3)).astype(np.float32)
+    config = make_config(dataset='imagenet2012', image_size=112, augment='imagenet',
+                         mean=(0.0,) * 3, std=(1.0,) * 3)
+    image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), tf.zeros([2], tf.int64))
+    expected = tf.image.resize(pixels, (171, 128)).numpy()[29:141, 8:120]
+    np.testing.assert_allclose(image.numpy(), expected, rtol=1e-6, atol=1e-4)
+    assert preprocess.eval_settings(config)['eval_resize'] == 128
+    config.eval_resize = 256   # a fixed side still works when asked for
+    image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), tf.zeros([2], tf.int64))
+    np.testing.assert_allclose(image.numpy(), tf.image.resize(pixels, (341, 256)).numpy()[
+        114:226, 72:184], rtol=1e-6, atol=1e-4)
+
+
 def test_unknown_and_unprepared_datasets(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
-        data.make_source(make_config(dataset='no_such_set'))
+        sources.make_source(make_config(dataset='no_such_set'))
     with pytest.raises(ValueError, match="'mnist' is not prepared in .*data_dir"):
-        data.make_source(make_config(dataset='mnist', data_dir=str(tmp_path)))
+        sources.make_source(make_config(dataset='mnist', data_dir=str(tmp_path)))
 
 
 def test_array_source_errors(digits):
     images = np.zeros((4, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match='outside'):
-        data.ArraySource(images, [0, 1, 2, 3], images, [0, 0, 0, 0], 3)
+        sources.ArraySource(images, [0, 1, 2, 3], images, [0, 0, 0, 0], 3)
     with pytest.raises(ValueError, match='4 images but labels'):
-        data.ArraySource(images, [0, 1, 2], images, [0, 0, 0, 0], 3)
+        sources.ArraySource(images, [0, 1, 2], images, [0, 0, 0, 0], 3)
     with pytest.raises(ValueError, match='exceeds the 1437 train examples'):
         data.train_batches(make_config(), 1000, process_count=2, source=digits)
     with pytest.raises(ValueError, match="digits has splits"):
-        data.make_source(make_config(eval_split='validation'))
+        sources.make_source(make_config(eval_split='validation'))

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets import dataset_builders
 
-from resnext_jax import data
+from resnext_jax import data, sources
 from test_data import assert_process_counts_give, decode_ids, make_config, take
 
 NUM_TRAIN, NUM_EVAL, SIZE = 90, 17, 8
@@ -80,15 +80,15 @@ def count_tfrecord_reads(source):
 
 def test_array_record_batches_are_the_index_stream_for_any_process_count(prepared):
     config = config_for(prepared['array_record'])
-    source = data.make_source(config)
-    assert isinstance(source, data.RecordSource)
+    source = sources.make_source(config)
+    assert isinstance(source, sources.RecordSource)
     assert (source.num_train, source.num_eval, source.num_classes) == (NUM_TRAIN, NUM_EVAL, 5)
     start, steps, global_batch = 2, 4, 24   # 90 / 24 = 3.75: crosses an epoch boundary
     reference = take(data.train_batches(config, global_batch, start_step=start,
                                         source=source), steps)
     # The same stream as the examples held in memory (decoded from the same PNGs) give.
-    in_memory = data.make_source(config_for(prepared['array_record'], in_memory=True))
-    assert isinstance(in_memory, data.EncodedSource)
+    in_memory = sources.make_source(config_for(prepared['array_record'], in_memory=True))
+    assert isinstance(in_memory, sources.EncodedSource)
     for a, b in zip(reference, take(data.train_batches(config, global_batch, start_step=start,
                                                        source=in_memory), steps)):
         np.testing.assert_array_equal(a['image'], b['image'])
@@ -99,7 +99,7 @@ def test_array_record_batches_are_the_index_stream_for_any_process_count(prepare
 
 def test_array_record_resume_reads_only_the_batches_it_trains_on(prepared):
     config = config_for(prepared['array_record'], augment='cifar')
-    source = data.make_source(config)
+    source = sources.make_source(config)
     b = 8
     full = take(data.train_batches(config, b, source=source), 40)
     for start in (37, 30_000):   # 30,000 steps of 8 = 2,667 epochs of 90
@@ -117,7 +117,7 @@ def test_array_record_resume_reads_only_the_batches_it_trains_on(prepared):
 @pytest.mark.parametrize('count', [1, 3])
 def test_array_record_eval_reads_every_example_once(prepared, count):
     config = config_for(prepared['array_record'])
-    source = data.make_source(config)
+    source = sources.make_source(config)
     ids = []
     for i in range(count):
         for batch in data.eval_batches(config, 4, process_index=i, process_count=count,
@@ -129,8 +129,8 @@ def test_array_record_eval_reads_every_example_once(prepared, count):
 def test_tfrecord_resume_reads_at_most_one_epoch(prepared, caplog):
     with caplog.at_level(logging.INFO):
         config = config_for(prepared['tfrecord'], shuffle_buffer=32)
-        source = data.make_source(config)
-    assert isinstance(source, data.TfdsSource)
+        source = sources.make_source(config)
+    assert isinstance(source, sources.TfdsSource)
     assert 'resumes at once' in caplog.text and '--out_file_format=array_record' in caplog.text
     b, late = 8, 200   # step 200 of 8 per process: epoch 17 (or 35 of 2 processes' 45)
     for process_count in (1, 2):

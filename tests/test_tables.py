@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import paper
-from resnext_jax import data, tables, train
+from resnext_jax import data, preprocess, sources, tables, train
 from helpers import REPO, Preempted, tiny_config
 
 
@@ -84,7 +84,8 @@ def test_recipe_hyperparameters_are_the_papers(row):
         assert (c.batch_size, c.learning_rate, c.lr_base_batch_size, c.weight_decay) == (
             256, 0.1, 256, 1e-4)
         assert len(c.lr_boundaries_epochs) == 3 and c.num_epochs == 90
-        assert (c.image_size, c.eval_resize if not spec.eval_size else 256) == (224, 256)
+        assert c.image_size == 224 and preprocess.eval_resize(c) == (   # 256 → 224
+            round(spec.eval_size * 8 / 7) if spec.eval_size else 256)
         assert (c.augment, c.color_jitter, c.pca_lighting, c.bn_group_size) == (
             'imagenet', 0.4, 0.1, 32)
         assert (c.eval_image_size or 224) == (spec.eval_size or 224)
@@ -125,13 +126,13 @@ def test_every_recipe_builds_and_takes_a_step_on_mock_data(dataset):
             c = paper.get_config(row)
             c.image_size, c.batch_size, c.bn_group_size = 32, 8, 4
             if c.eval_image_size:
-                c.eval_image_size, c.eval_resize = 40, 46
+                c.eval_image_size = 40
             c.in_memory, c.shuffle_buffer = False, 16
             c.form = 'grouped'   # the quickest to compile; the forms agree (test_models.py)
             depth = len(create_spec(c.model)['stage_sizes'])
             c.model_options = {**SHRINK, 'stage_sizes': (1,) * depth}
-            source = data.make_source(c)
-            info = data.dataset_info(c, source)
+            source = sources.make_source(c)
+            info = sources.dataset_info(c, source)
             model = train.build_model(c, info.num_classes)
             batch = next(data.train_batches(c, 8, source=source))
             eval_batch = next(data.eval_batches(c, 8, source=source))

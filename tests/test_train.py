@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 
 from configs import quickstart
 from helpers import TINY, Preempted, assert_trees_close, read_metrics, run_cli, tiny_config
-from resnext_jax import GroupedBatchNorm, checkpoint, create_model, data, parallel, train
+from resnext_jax import (GroupedBatchNorm, checkpoint, create_model, data, parallel, sources,
+                         train)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -100,7 +101,7 @@ def test_eval_counts_each_example_once(batch_size):
     """360 held-out digits in batches of 64 or 56 (neither divides 360) over 8 devices: the
     masked sums equal a plain forward pass over the 360 images."""
     config = tiny_config(augment='none', mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
-    source = data.make_source(config)
+    source = sources.make_source(config)
     model = train.build_model(config, 10)
     variables = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
     variables = jax.tree_util.tree_map(   # non-trivial BN statistics
@@ -255,7 +256,7 @@ def test_bad_batch_and_divergence(tmp_path):
         train.train_and_evaluate(tiny_config(learning_rate=1e30), tmp_path / 'b')
     assert not os.listdir(tmp_path / 'b' / 'checkpoints')   # nothing non-finite was saved
     images = np.zeros((40, 8, 8, 1), np.uint8)
-    no_eval = data.ArraySource(images, np.arange(40) % 10, images[:0], np.zeros(0), 10)
+    no_eval = sources.ArraySource(images, np.arange(40) % 10, images[:0], np.zeros(0), 10)
     with pytest.raises(ValueError, match="the eval split 'test' of digits has no examples"):
         train.train_and_evaluate(tiny_config(), tmp_path / 'c', source=no_eval)
 

@@ -1,0 +1,196 @@
+"""One example → the normalised image a network sees: decoding, training augmentation (the
+paper's scale and aspect crop, colour and lighting noise, CIFAR's pad-and-crop, flips) and
+evaluation's resize and centre crop, all TensorFlow ops for tf.data. Pixels are float32 in
+0..255 until normalised by (x - mean) / std. Importing this module keeps TensorFlow off the
+accelerators, which belong to JAX."""
+import tensorflow as tf
+from absl import logging
+
+try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
+    tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):
+    pass
+
+AUGMENTS = ('imagenet', 'cifar', 'none')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')   # what `_decode` reads from files
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+NORMALISATION = {  # 0..255 units; the ImageNet statistics for every other dataset.
+    'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+    'mnist': ((33.3,) * 3, (78.6,) * 3),
+    'digits': ((77.8,) * 3, (95.9,) * 3),  # measured on all 1797 images scaled to 0..255
+}
+# The config fields evaluation preprocessing reads (what a checkpoint's metadata records).
+EVAL_FIELDS = ('dataset', 'image_size', 'eval_image_size', 'eval_resize', 'augment', 'mean',
+               'std')
+# PCA of ImageNet RGB pixels (0..1 units), for the official code's lighting noise.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+def _decode(data, encoding):
+    if encoding == 'file':
+        data = tf.io.read_file(data)
+    if encoding:
+        return tf.io.decode_image(data, channels=3, expand_animations=False)
+    return data if data.shape[-1] == 3 else tf.image.grayscale_to_rgb(data)
+
+
+def _inception_crop(data, encoding, seed):
+    """Random crop of 8%–100% of the area, aspect 3/4–4/3; JPEGs decode only the window."""
+    def window(shape):
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape, tf.constant([[[0., 0., 1., 1.]]]), seed, min_object_covered=0.1,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
+            use_image_if_no_bounding_boxes=True)
+        return begin, size
+
+    def crop_decoded(image):
+        return tf.slice(image, *window(tf.shape(image)))
+
+    if not encoding:
+        return crop_decoded(_decode(data, None))
+    if encoding == 'file':
+        data = tf.io.read_file(data)
+
+    def jpeg():
+        begin, size = window(tf.image.extract_jpeg_shape(data))
+        return tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], size[0],
+                                                             size[1]]), channels=3)
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg,
+                   lambda: crop_decoded(_decode(data, 'bytes')))
+
+
+def _resize(image, size):
+    """Bilinear resize to size × size unless the image already has that side."""
+    if image.shape[0] is not None and image.shape[:2] == (size, size):
+        return tf.cast(image, tf.float32)
+    same = tf.reduce_all(tf.shape(image)[:2] == size)
+    image = tf.cond(same, lambda: tf.cast(image, tf.float32),
+                    lambda: tf.image.resize(image, [size, size]))
+    return tf.reshape(image, [size, size, 3])
+
+
+def _centre_crop(image, size, resize):
+    """Resize the shorter side to `resize` keeping the aspect, then crop size × size."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.cast(tf.round(shape * resize / tf.reduce_min(shape)), tf.int32)
+    image = tf.image.resize(image, new)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return tf.reshape(image[top:top + size, left:left + size], [size, size, 3])
+
+
+def _colour(image, seed, strength, lighting):
+    """The official code's colour noise: brightness, contrast and saturation jitter of ±strength
+    in random order, then PCA lighting with N(0, lighting) coefficients (0..255 pixels)."""
+    order_seed, *seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+    if strength:
+        def blend(image, other, s):
+            alpha = tf.random.stateless_uniform([], s, 1 - strength, 1 + strength)
+            return image * alpha + other * (1 - alpha)
+
+        def gray(image):
+            return tf.reduce_sum(image * [0.299, 0.587, 0.114], -1, keepdims=True)
+
+        ops = [lambda im: blend(im, tf.zeros_like(im), seeds[0]),            # brightness
+               lambda im: blend(im, tf.reduce_mean(gray(im)), seeds[1]),     # contrast
+               lambda im: blend(im, gray(im), seeds[2])]                     # saturation
+        orders = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+        k = tf.random.stateless_uniform([], order_seed, 0, 6, tf.int32)
+
+        def apply(order):
+            def run():
+                out = image
+                for i in order:
+                    out = ops[i](out)
+                return out
+            return run
+        image = tf.switch_case(k, [apply(o) for o in orders])
+    if lighting:
+        alpha = tf.random.stateless_normal([3], seeds[3], stddev=lighting)
+        rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
+        image = image + 255.0 * rgb
+    return image
+
+
+def normalisation(config):
+    """(mean, std) per channel in 0..255 units: the config's `mean` / `std`, else the dataset's
+    (NORMALISATION), else ImageNet's."""
+    base = config.dataset.split(':')[0].split('/')[0]
+    mean, std = NORMALISATION.get(base, (IMAGENET_MEAN, IMAGENET_STD))
+    return tuple(config.mean or mean), tuple(config.std or std)
+
+
+def eval_size(config):
+    """The side of the evaluation crop: `eval_image_size`, else `image_size`."""
+    return config.eval_image_size or config.image_size
+
+
+def eval_resize(config):
+    """The shorter side that evaluation resizes to before its centre crop ('imagenet' augment):
+    `eval_resize`, else the crop × 256/224 (the paper's 256 → 224), so changing the crop keeps
+    the ratio."""
+    return config.eval_resize or round(eval_size(config) * 256 / 224)
+
+
+def eval_settings(config):
+    """{field: value} of `EVAL_FIELDS`, resolved (what a checkpoint's metadata records)."""
+    mean, std = normalisation(config)
+    return {'dataset': config.dataset, 'image_size': config.image_size,
+            'eval_image_size': eval_size(config), 'eval_resize': eval_resize(config),
+            'augment': config.augment, 'mean': mean, 'std': std}
+
+
+def as_trained(config, meta, weights):
+    """`config` with the augment and normalisation that checkpoint metadata `meta` records (how
+    the weights in `weights` learned to see images), for evaluating them (`eval_only`); the eval
+    crop stays the config's, a test-time choice (e.g. the paper's 320 × 320 test)."""
+    ours = dict(zip(('augment', 'mean', 'std'), (config.augment, *normalisation(config))))
+    trained = {k: tuple(meta[k]) if k != 'augment' else meta[k] for k in ours if meta.get(k)}
+    changed = {k: v for k, v in trained.items() if v != ours[k]}
+    if not changed:
+        return config
+    logging.warning('evaluating %s as it was trained, with %s (the config says %s)', weights,
+                    ', '.join(f'{k} {v}' for k, v in changed.items()),
+                    ', '.join(f'{k} {ours[k]}' for k in changed))
+    config = config.copy_and_resolve_references()
+    config.update(changed)
+    return config
+
+
+def preprocess_fn(config, train, encoding):
+    """f(data, seed) -> normalised float32 (S, S, 3), as the config's training (`train`) or
+    evaluation preprocesses an example; seed is a stateless [2] seed (unused by evaluation).
+    `encoding`: None for pixel arrays, 'file' for paths, 'bytes' for PNG/JPEG bytes. Evaluation
+    reads only `EVAL_FIELDS`: `predict` builds them from a checkpoint's metadata, so images are
+    fed to the weights as in training."""
+    augment = config.augment
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment '{augment}' is not one of {AUGMENTS}: fix --config.augment")
+    size = config.image_size if train else eval_size(config)
+    mean, std = (tf.constant(v, tf.float32) for v in normalisation(config))
+    jitter, lighting, pad = ((config.color_jitter, config.pca_lighting, config.crop_padding)
+                             if train else (0.0, 0.0, 0))
+    pad = size // 8 if pad is None else pad
+    resize = eval_resize(config) if augment == 'imagenet' and not train else None
+
+    def preprocess(data, seed):
+        crop_seed, flip_seed, colour_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, 3))
+        if augment == 'imagenet' and train:
+            image = tf.image.resize(_inception_crop(data, encoding, crop_seed), [size, size])
+        elif augment == 'imagenet':
+            image = _centre_crop(_decode(data, encoding), size, resize)
+        else:
+            image = _resize(_decode(data, encoding), size)
+        if augment == 'cifar' and train:  # zero padding, as in fb.resnet.torch
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+            image = tf.image.stateless_random_crop(image, [size, size, 3], crop_seed)
+        if train and (jitter or lighting):
+            image = _colour(image, colour_seed, jitter, lighting)
+        if augment != 'none' and train:
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return (tf.reshape(image, [size, size, 3]) - mean) / std
+
+    return preprocess
