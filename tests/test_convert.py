@@ -2,8 +2,8 @@
 
 The torchvision networks in tests/fixtures (scripts/make_convert_fixtures.py) carry random
 weights and BN statistics and torchvision's logits, so all but two tests run without the
-optional extra: the .safetensors round trip, and the last test, which compares full-size
-networks with torchvision itself.
+optional extra (CI installs it): the .safetensors round trip, and the last test, which
+compares full-size networks with torchvision itself.
 """
 import glob
 import json
@@ -350,7 +350,7 @@ def test_eval_only_evaluates_the_init_from_weights_once(tiny_checkpoints, tmp_pa
 @pytest.mark.parametrize('name', ['resnet50', 'resnext50_32x4d', 'resnext101_64x4d'])
 def test_full_size_torchvision_networks_match(name):
     """torchvision's own networks with random weights and BN statistics, both directions.
-    Needs torch and torchvision (not in CI), a few seconds each."""
+    Needs torch and torchvision (the `torch` extra; CI has it), a few seconds each."""
     pytest.importorskip('torch')
     from resnext_jax.benchmark import import_torchvision
     torch, torchvision = import_torchvision()
