@@ -326,11 +326,11 @@ def save_variables(directory, variables, meta):
 
 
 def init_from(state, directory):
-    """(state, meta): `state` with the params and BN statistics of the newest checkpoint in `directory` (from
-    `python -m resnext_jax.convert`, or a training workdir), placed like `state`; step and
-    optimizer state stay fresh. A head for another number of classes keeps its fresh
-    initialisation; every other variable must match in name and shape. `meta`: the checkpoint's
-    metadata."""
+    """(state, meta): `state` with the params and BN statistics of the newest checkpoint in
+    `directory` (from `python -m resnext_jax.convert`, or a training workdir), placed like
+    `state`, and that checkpoint's metadata; step and optimizer state stay fresh. A head for
+    another number of classes keeps its fresh initialisation; every other variable must match
+    in name and shape."""
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory')
     saved, meta = load_checkpoint(directory)

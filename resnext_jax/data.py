@@ -185,7 +185,8 @@ def _one(fetch, index):
 
 
 def _batched(ds, b):
-    return ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(sources.deterministic())
+    ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(sources.deterministic())
 
 
 def _next_readable(n, unreadable):

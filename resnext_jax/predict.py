@@ -3,8 +3,8 @@
     python -m resnext_jax.predict --checkpoint ckpt/ cat.jpg dog.png
     python -m resnext_jax.predict --checkpoint runs/r50 --model resnet50 photo.jpg
 
-Each image is preprocessed as the checkpoint's evaluation was (`preprocess.preprocess_fn`, from the
-image size, eval crop and resize, augment family and normalisation its metadata records): for
+Each image is preprocessed as the checkpoint's evaluation was (`preprocess.preprocess_fn`, from
+the image size, eval crop and resize, augment family and normalisation its metadata records): for
 ImageNet weights and converted ones the shorter side resized to 256, the centre 224×224
 cropped and the ImageNet mean and std; for a CIFAR or digits run its own size and statistics.
 The checkpoint is a directory from `python -m resnext_jax.convert` or a training workdir; the

@@ -237,12 +237,13 @@ def test_the_eval_resize_keeps_its_ratio_when_the_image_size_changes():
     pixels = np.random.default_rng(0).integers(0, 256, (128, 96, 3)).astype(np.float32)
     config = make_config(dataset='imagenet2012', image_size=112, augment='imagenet',
                          mean=(0.0,) * 3, std=(1.0,) * 3)
-    image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), tf.zeros([2], tf.int64))
+    no_seed = tf.zeros([2], tf.int64)
+    image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), no_seed)
     expected = tf.image.resize(pixels, (171, 128)).numpy()[29:141, 8:120]
     np.testing.assert_allclose(image.numpy(), expected, rtol=1e-6, atol=1e-4)
     assert preprocess.eval_settings(config)['eval_resize'] == 128
     config.eval_resize = 256   # a fixed side still works when asked for
-    image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), tf.zeros([2], tf.int64))
+    image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), no_seed)
     np.testing.assert_allclose(image.numpy(), tf.image.resize(pixels, (341, 256)).numpy()[
         114:226, 72:184], rtol=1e-6, atol=1e-4)
 
