@@ -93,9 +93,9 @@ def _memory_mb(compiled):
             - m.alias_size_in_bytes) / 2**20
 
 
-def bench_jax(name, batch_size, image_size, form, mode, dtype, steps, warmup):
+def bench_jax(name, batch_size, image_size, form, mode, dtype, steps, warmup, bn_group_size=0):
     from resnext_jax import train  # noqa: PLC0415 (train pulls in TensorFlow)
-    model = create_model(name, form=form, dtype=dtype)
+    model = create_model(name, form=form, dtype=dtype, bn_group_size=bn_group_size or None)
     row = Row('jax', form if form != 'auto' else f'auto={resolve_form(form)}')
     mesh = parallel.make_mesh()
     rng = np.random.default_rng(0)
@@ -363,6 +363,8 @@ def main(argv=None):
     p.add_argument('--image-size', type=int, default=None, help='default: 224, CIFAR nets 32')
     p.add_argument('--mode', choices=('train', 'infer', 'both'), default='both')
     p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    p.add_argument('--bn-group-size', type=int, default=0,
+                   help='training BN statistics per group of this many images (0: the batch)')
     p.add_argument('--form', default='auto',
                    help=f'one of {", ".join(FORMS)}, a comma-separated list, or "all"')
     p.add_argument('--torch', action='store_true', help='also time torchvision (optional extra)')
@@ -384,6 +386,10 @@ def main(argv=None):
         if not args.layer and args.batch_size % jax.device_count():
             raise ValueError(f'--batch-size {args.batch_size} is not divisible by the '
                              f'{jax.device_count()} devices; use a multiple')
+        if args.bn_group_size < 0 or (args.bn_group_size
+                                      and args.batch_size % args.bn_group_size):
+            raise ValueError(f'--bn-group-size {args.bn_group_size} does not divide '
+                             f'--batch-size {args.batch_size}: use a divisor, or 0 for the batch')
         if args.torch:
             try:
                 import_torchvision()
@@ -411,7 +417,7 @@ def main(argv=None):
     rows = []
     for f in forms:
         rows.append(bench_jax(args.model, args.batch_size, size, f, args.mode, args.dtype,
-                              args.steps, args.warmup))
+                              args.steps, args.warmup, args.bn_group_size))
         if not args.json:
             print(format_rows(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     torch_row = None

@@ -58,13 +58,16 @@ def _check_process(process_index, process_count):
 
 def train_batches(config, batch_size, *, start_step=0, process_index=0, process_count=1,
                   source=None) -> Iterator[dict]:
-    """Endless process-local batches {'image': f32 (b, S, S, 3), 'label': i32 (b,)}."""
+    """Endless process-local batches {'image': (b, S, S, 3), 'label': i32 (b,)}: pixels before
+    normalisation, uint8 or bfloat16 (`preprocess.feed_dtype`), which the jitted step normalises
+    (`train.normalise`)."""
     _check_process(process_index, process_count)
     source = source or sources.make_source(config)
     if batch_size * process_count > source.num_train:
         raise ValueError(f'global batch {batch_size}×{process_count} exceeds the '
                          f'{source.num_train} train examples: lower --config.batch_size')
-    transform = preprocess.preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'))
+    transform = preprocess.preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'),
+                                         normalise=False)
     seed, b, auto = config.seed, batch_size, tf.data.AUTOTUNE
     if isinstance(source, sources.TfdsSource):  # streaming: deterministic for a fixed process count
         return _streamed(source, transform, seed, b, start_step, process_index, process_count,
@@ -102,13 +105,15 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
 
 def eval_batches(config, batch_size, *, process_index=0, process_count=1,
                  source=None) -> Iterator[dict]:
-    """Process-local eval batches with 'mask'; every process yields `num_eval_batches`."""
+    """Process-local eval batches with 'mask', uint8 images as `train_batches`'; every process
+    yields `num_eval_batches`."""
     _check_process(process_index, process_count)
     source = source or sources.make_source(config)
-    transform = preprocess.preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'))
+    transform = preprocess.preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'),
+                                         normalise=False)
     no_seed = tf.zeros([2], tf.int64)
     size = preprocess.eval_size(config)
-    padding = {'image': tf.zeros([size, size, 3]), 'label': tf.constant(0),
+    padding = {'image': tf.zeros([size, size, 3], tf.uint8), 'label': tf.constant(0),
                'mask': tf.constant(0.0)}
     num_batches = num_eval_batches(source.num_eval, batch_size, process_count)
 

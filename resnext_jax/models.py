@@ -28,6 +28,14 @@ class GroupedBatchNorm(nn.Module):
     This is what unsynchronised BN on several GPUs computes (the paper: 32 images per GPU). The
     variables are those of `nn.BatchNorm`; the running averages move towards the mean over groups
     of the per-group mean and (biased) variance.
+
+    The activation is never regrouped: one pass reads it for every image's per-channel mean and
+    mean square (float32 reductions over height and width, as `nn.BatchNorm` computes its
+    statistics), the small (images, channels) arrays are then grouped, and each image is
+    normalised with its group's statistics broadcast to it. Reshaping the activation's batch
+    axis into (groups, group_size) instead, as this class once did, costs a relayout copy of
+    every batch norm input on TPU, whose layouts tile the batch axis together with the channels:
+    about twice the memory traffic and memory of the whole training step.
     """
     group_size: int
     use_running_average: bool = False
@@ -45,22 +53,29 @@ class GroupedBatchNorm(nn.Module):
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
         scale = self.param('scale', self.scale_init, (c,), self.param_dtype)
         bias = self.param('bias', self.bias_init, (c,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
         if self.use_running_average:
-            mean, var, y = ra_mean.value, ra_var.value, x.astype(jnp.float32)
-        else:
-            n, g = x.shape[0], self.group_size
-            if n % g:
-                raise ValueError(f'batch norm groups of {g} images do not divide the batch of {n} '
-                                 'images; change bn_group_size or the batch size')
-            y = x.astype(jnp.float32).reshape((n // g, g) + x.shape[1:])
-            axes = tuple(range(1, y.ndim - 1))
-            mean, var = jnp.mean(y, axes, keepdims=True), jnp.var(y, axes, keepdims=True)
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, c).mean(0)
-                ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, c).mean(0)
-        y = (y - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.reshape(x.shape).astype(self.dtype)
+            mean, var = ra_mean.value, ra_var.value
+            y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+            return y.astype(self.dtype)
+        n, g = x.shape[0], self.group_size
+        if n % g:
+            raise ValueError(f'batch norm groups of {g} images do not divide the batch of {n} '
+                             'images; change bn_group_size or the batch size')
+        axes = tuple(range(1, x.ndim - 1))
+        per_image = jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)   # (n, c) each
+        mean, mean_sq = (s.reshape(n // g, g, c).mean(1) for s in per_image)  # (groups, c)
+        var = jnp.maximum(0.0, mean_sq - jnp.square(mean))   # as nn.BatchNorm computes it
+        if not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
+            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
+        # y = x·a + b per image, a and b its group's: the backward pass then keeps x, which the
+        # convolution's gradient keeps anyway, not a float32 copy of x − mean.
+        a = lax.rsqrt(var + self.epsilon) * scale
+        a, b = (jnp.repeat(t, g, 0).reshape((n,) + (1,) * (x.ndim - 2) + (c,))
+                for t in (a, bias - mean * a))
+        return (x32 * a + b).astype(self.dtype)
 
 
 class Stem(nn.Module):

@@ -56,10 +56,13 @@ OUT_OF_MEMORY = re.compile(r'total memory required[^(]*\(([\d.]+)G\)')
 
 
 def check_batch(global_batch, tpu_slice):
-    if global_batch % tpu_slice.num_chips:
+    """The per-chip batch; ValueError unless every device gets the same number of images."""
+    n, what = ((tpu_slice.num_chips, 'chips') if tpu_slice.chip.devices_per_chip == 1
+               else (tpu_slice.num_devices, 'TensorCores'))
+    if global_batch % n:
         raise ValueError(
-            f'batch_size {global_batch} is not divisible by the {tpu_slice.num_chips} chips of '
-            f'{tpu_slice.name}: choose a multiple of {tpu_slice.num_chips} (--config.batch_size)')
+            f'batch_size {global_batch} is not divisible by the {n} {what} of '
+            f'{tpu_slice.name}: choose a multiple of {n} (--config.batch_size)')
     return global_batch // tpu_slice.num_chips
 
 
@@ -104,17 +107,27 @@ def compile_step(config, mesh, num_classes, global_batch, step=TRAIN):
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)
-    shapes = {'image': ((global_batch, size, size, 3), jnp.float32),
-              'label': ((global_batch,), jnp.int32)}
-    if step == EVAL:
-        shapes['mask'] = ((global_batch,), jnp.float32)
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=parallel.batch_sharding(mesh))
-             for k, (s, d) in shapes.items()}
+    batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.batch_sharding(mesh))
+             for k, s in batch_shapes(config, global_batch, size, step).items()}
     t = time.perf_counter()
     with jax.set_mesh(mesh):  # as train.py traces them: `train.make_steps`
         p_train, p_eval = train.make_steps(config, model, tx, mesh, shardings)
         compiled = (p_train if step == TRAIN else p_eval).lower(state, batch).compile()
     return compiled, time.perf_counter() - t
+
+
+def batch_shapes(config, global_batch, size, step=TRAIN):
+    """{name: ShapeDtypeStruct} of the batch the host feeds a step (`data`'s batches): pixels
+    as `preprocess.feed_dtype` sends them, normalised on the chip."""
+    import jax
+    import jax.numpy as jnp
+    from resnext_jax.preprocess import feed_dtype
+    pixels = jnp.dtype(feed_dtype(config, step == TRAIN))
+    shapes = {'image': ((global_batch, size, size, 3), pixels),
+              'label': ((global_batch,), jnp.int32)}
+    if step == EVAL:
+        shapes['mask'] = ((global_batch,), jnp.float32)
+    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
 
 
 def hbm_breakdown(compiled):
@@ -142,11 +155,14 @@ def plan_step(config, tpu_slice, mesh, num_classes, *, step=TRAIN, per_chip_batc
 
     `per_chip_batch` replaces `config.batch_size / chips`; `capacity` replaces the chip's HBM
     (bytes) in `fits`. A program libtpu refuses for want of HBM gets `fits` False and the
-    total the compiler reported; its FLOPs are then unknown (None).
+    total the compiler reported; its FLOPs are then unknown (None). On v2 and v3, whose chips
+    are two devices each, the compiled program is one device's: its counts are doubled.
     """
     import jax
     chip = tpu_slice.chip
     b = per_chip_batch or check_batch(config.batch_size, tpu_slice)
+    check_batch(b * tpu_slice.num_chips, tpu_slice)
+    per_chip = chip.devices_per_chip   # the compiled (per-device) program's counts → per chip
     capacity = capacity or chip.hbm_bytes
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)
     passes = 3 * 2 if step == TRAIN else 2  # FLOPs per multiply-add: forward 2, backward 4
@@ -157,6 +173,9 @@ def plan_step(config, tpu_slice, mesh, num_classes, *, step=TRAIN, per_chip_batc
            'model': config.model, 'form': config.form, 'dtype': config.dtype,
            'fsdp': bool(config.fsdp), 'image_size': size, 'per_chip_batch': b,
            'global_batch': b * tpu_slice.num_chips, 'hbm_capacity_bytes': capacity,
+           'devices_per_chip': per_chip,
+           'host_bytes_per_chip': sum(s.size * s.dtype.itemsize for s in batch_shapes(
+               config, b, size, step).values()),   # what the host sends each chip per step
            'model_flops_per_image': passes * model_macs(config, num_classes, size)}
     try:
         compiled, seconds = compile_step(config, mesh, num_classes, b * tpu_slice.num_chips,
@@ -165,12 +184,12 @@ def plan_step(config, tpu_slice, mesh, num_classes, *, step=TRAIN, per_chip_batc
         needed = refused_bytes(e)
         if needed is None:
             raise
-        return {**row, 'fits': False, 'hbm_bytes_per_chip': needed, 'flops_per_chip': None,
-                'compile_error': str(e).splitlines()[0]}
+        return {**row, 'fits': False, 'hbm_bytes_per_chip': needed * per_chip,
+                'flops_per_chip': None, 'compile_error': str(e).splitlines()[0]}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    hbm = hbm_breakdown(compiled)
-    flops, accessed = cost['flops'], cost['bytes accessed']
+    hbm = {k: v * per_chip for k, v in hbm_breakdown(compiled).items()}
+    flops, accessed = cost['flops'] * per_chip, cost['bytes accessed'] * per_chip
     compute, memory = flops / chip.peak_bf16_flops, accessed / chip.hbm_bytes_per_sec
     bound = max(compute, memory)
     return {**row, 'fits': hbm['total'] <= capacity, 'hbm_bytes_per_chip': hbm['total'],
@@ -187,7 +206,8 @@ def batch_step(config, tpu_slice):
     """The per-chip batches a run accepts are the multiples of this: with `bn_group_size` the
     global batch must be whole groups."""
     groups = config.bn_group_size or 1
-    return groups // math.gcd(groups, tpu_slice.num_chips)
+    return math.lcm(groups // math.gcd(groups, tpu_slice.num_chips),
+                    tpu_slice.chip.devices_per_chip)
 
 
 def largest_fitting(measure, capacity, known, max_measures=12):
@@ -249,6 +269,9 @@ def format_row(r):
         f" {_gib(r['hbm_temporaries_bytes'])} + program {_gib(r['hbm_program_bytes'])}",
         f"           = {_gib(r['hbm_bytes_per_chip'])} of {_gib(r['hbm_capacity_bytes'])}: "
         f"{verdict} ({100 * r['hbm_bytes_per_chip'] / r['hbm_capacity_bytes']:.0f} %)",
+        f"  host     {r['host_bytes_per_chip'] / 1e6:.3g} MB per step sent to each chip (images "
+        f"as fed), {r['host_bytes_per_chip'] / r['bound_seconds'] / 1e9:.2g} GB/s at the bound "
+        "below",
         f"  FLOPs    {r['flops_per_chip']:.3e} per chip = {r['flops_per_image'] / 1e9:.4g} "
         f"GFLOP/image; the model: {r['model_flops_per_image'] / 1e9:.4g} GFLOP/image "
         f"({'3 × 2' if r['step'] == TRAIN else '2'} × multiply-adds)",
@@ -293,7 +316,9 @@ def run(config, tpu_slice, *, num_classes=None, form=None, max_batch=False, eval
     log(f"{config.model} ({config.name or 'config'}), {num_classes} classes, {config.dtype}, "
         f"fsdp {'on' if config.fsdp else 'off'}, on {tpu_slice.name}"
         f"{f' × {tpu_slice.num_slices} slices' if tpu_slice.num_slices > 1 else ''}: "
-        f"{tpu_slice.num_chips} × {chip.device_kind} ({_gib(chip.hbm_bytes)} HBM, "
+        f"{tpu_slice.num_chips} × {chip.device_kind}"
+        f"{f' ({chip.devices_per_chip} devices each)' if chip.devices_per_chip > 1 else ''} "
+        f"({_gib(chip.hbm_bytes)} HBM, "
         f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_sec / 1e9:.0f} "
         f"GB/s). Compiler estimates per chip, not measured speed.\n")
     forms = [f for f in FORMS if f != 'auto'] if form == 'all' else [form]

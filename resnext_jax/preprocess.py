@@ -1,8 +1,11 @@
 """One example → the normalised image a network sees: decoding, training augmentation (the
 paper's scale and aspect crop, colour and lighting noise, CIFAR's pad-and-crop, flips) and
 evaluation's resize and centre crop, all TensorFlow ops for tf.data. Pixels are float32 in
-0..255 until normalised by (x - mean) / std. Importing this module keeps TensorFlow off the
-accelerators, which belong to JAX."""
+0..255 until normalised by (x - mean) / std. The input pipeline sends them to the devices
+unnormalised in the smallest type that holds them to half a grey level (`feed_dtype`: uint8, a
+quarter of float32's bytes, or bfloat16 where colour noise leaves 0..255) and the jitted steps
+normalise them there (`resnext_jax.train.normalise`); `predict` normalises here. Importing this
+module keeps TensorFlow off the accelerators, which belong to JAX."""
 import tensorflow as tf
 from absl import logging
 
@@ -159,9 +162,19 @@ def as_trained(config, meta, weights):
     return config
 
 
-def preprocess_fn(config, train, encoding):
+def feed_dtype(config, train):
+    """The type of the unnormalised pixels the input pipeline sends: uint8, or bfloat16 for
+    training with colour jitter or PCA lighting, whose pixels may leave 0..255 (the official
+    code does not clip them). bfloat16's 8 significant bits hold 0..255 to half a grey level
+    as rounding to uint8 does (one level from 256 to 512), at half of float32's bytes."""
+    return 'bfloat16' if train and (config.color_jitter or config.pca_lighting) else 'uint8'
+
+
+def preprocess_fn(config, train, encoding, normalise=True):
     """f(data, seed) -> normalised float32 (S, S, 3), as the config's training (`train`) or
     evaluation preprocesses an example; seed is a stateless [2] seed (unused by evaluation).
+    `normalise=False` returns the pixels before normalisation as the input pipeline feeds the
+    devices, in `feed_dtype`: uint8 rounded to the nearest integer, or bfloat16.
     `encoding`: None for pixel arrays, 'file' for paths, 'bytes' for PNG/JPEG bytes. Evaluation
     reads only `EVAL_FIELDS`: `predict` builds them from a checkpoint's metadata, so images are
     fed to the weights as in training."""
@@ -174,6 +187,7 @@ def preprocess_fn(config, train, encoding):
                              if train else (0.0, 0.0, 0))
     pad = size // 8 if pad is None else pad
     resize = eval_resize(config) if augment == 'imagenet' and not train else None
+    feed = feed_dtype(config, train)
 
     def preprocess(data, seed):
         crop_seed, flip_seed, colour_seed = tf.unstack(
@@ -191,6 +205,11 @@ def preprocess_fn(config, train, encoding):
             image = _colour(image, colour_seed, jitter, lighting)
         if augment != 'none' and train:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        return (tf.reshape(image, [size, size, 3]) - mean) / std
+        image = tf.reshape(image, [size, size, 3])
+        if normalise:
+            return (image - mean) / std
+        if feed == 'bfloat16':
+            return tf.cast(image, tf.bfloat16)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
     return preprocess

@@ -76,17 +76,32 @@ def cross_entropy(logits, labels, smoothing=0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def normalise(images, mean, std):
+    """The input pipeline's uint8 pixels → the float32 (x − mean) / std the network sees: the
+    last step of `preprocess.preprocess_fn`, on the device, fused into the first convolution.
+    Float images pass through unchanged (`mean` None)."""
+    if mean is None:
+        return images
+    return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+        std, jnp.float32)
+
+
 def _gathered(params, gather):
     """With FSDP (`gather`: a replicated sharding), the parameters gathered where they are used:
     otherwise XLA may gather a layer's global-batch activations against a split weight."""
     return params if gather is None else jax.lax.with_sharding_constraint(params, gather)
 
 
-def train_step(state, batch, *, model, tx, label_smoothing=0.0, gather=None):
+def train_step(state, batch, *, model, tx, label_smoothing=0.0, gather=None, mean=None,
+               std=None):
+    """One SGD step on `batch`: uint8 images normalised with `mean`, `std` (float images as
+    they are when `mean` is None)."""
+    images = normalise(batch['image'], mean, std)
+
     def loss_fn(params):
         logits, updates = model.apply(
             {'params': _gathered(params, gather), 'batch_stats': state.batch_stats},
-            batch['image'], train=True, mutable=['batch_stats'])
+            images, train=True, mutable=['batch_stats'])
         loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
         return loss, (logits, updates['batch_stats'])
 
@@ -99,10 +114,11 @@ def train_step(state, batch, *, model, tx, label_smoothing=0.0, gather=None):
     return state, {'loss': loss, 'top1': top1}
 
 
-def eval_step(state, batch, *, model, gather=None):
+def eval_step(state, batch, *, model, gather=None, mean=None, std=None):
     """Sums over the examples whose mask is 1: loss, top-1 and top-5 hits, count."""
     logits = model.apply({'params': _gathered(state.params, gather),
-                          'batch_stats': state.batch_stats}, batch['image'], train=False)
+                          'batch_stats': state.batch_stats},
+                         normalise(batch['image'], mean, std), train=False)
     mask, labels = batch['mask'], batch['label']
     k = min(5, logits.shape[-1])
     topk = jax.lax.top_k(logits, k)[1]
@@ -154,11 +170,12 @@ def make_steps(config, model, tx, mesh, shardings):
     of the batch (`parallel.per_device`)."""
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     gather = repl if config.fsdp else None
+    mean, std = preprocess.normalisation(config)   # the input pipeline sends uint8 pixels
     p_train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing,
-                          gather=gather),
+                          gather=gather, mean=mean, std=std),
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, model=model, gather=gather),
+    p_eval = jax.jit(functools.partial(eval_step, model=model, gather=gather, mean=mean, std=std),
                      in_shardings=(shardings, batch_sh), out_shardings=repl)
     return p_train, p_eval
 

@@ -247,9 +247,10 @@ def test_predict_feeds_a_digits_checkpoint_as_its_training_evaluated(digits_run,
     batch = next(data.eval_batches(config, 8, source=source))
     model, variables, meta = convert.load_model(run)
     assert meta['mean'] == [77.8] * 3 and meta['std'] == [95.9] * 3 and meta['image_size'] == 8
-    for path, image in zip(images, batch['image'][:2]):
+    seen = train.normalise(batch['image'][:2], meta['mean'], meta['std'])   # as the step sees it
+    for path, image in zip(images, seen):
         np.testing.assert_allclose(predict.load_image(path, meta), image, rtol=1e-6, atol=1e-6)
-    probs = np.asarray(jax.nn.softmax(model.apply(variables, batch['image'][:2])))
+    probs = np.asarray(jax.nn.softmax(model.apply(variables, seen)))
     for (path, top), p in zip(predict.predict(run, images), probs):
         best = int(np.argmax(p))
         assert top[0][1] == str(best)

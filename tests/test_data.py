@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from configs import default
-from resnext_jax import data, preprocess, sources
+from resnext_jax import data, preprocess, sources, train
 
 
 def make_config(**kw):
@@ -68,12 +68,47 @@ def test_digits_split_is_the_held_out_fifth(digits):
 def test_digits_shapes_dtypes_and_normalisation(digits):
     config = make_config()
     batch = next(data.train_batches(config, 64, source=digits))
-    assert batch['image'].shape == (64, 16, 16, 3) and batch['image'].dtype == np.float32
+    # pixels cross to the devices as uint8, a quarter of float32's bytes
+    assert batch['image'].shape == (64, 16, 16, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
     assert set(batch) == {'image', 'label'}
     ev = next(data.eval_batches(config, 64, source=digits))
-    assert ev['image'].shape == (64, 16, 16, 3) and ev['mask'].dtype == np.float32
-    assert abs(ev['image'].mean()) < 0.3 and 0.5 < ev['image'].std() < 1.5
+    assert ev['image'].shape == (64, 16, 16, 3) and ev['image'].dtype == np.uint8
+    assert ev['mask'].dtype == np.float32
+    # the steps normalise them on the device with the dataset's statistics
+    images = np.asarray(train.normalise(ev['image'], *preprocess.normalisation(config)))
+    assert images.dtype == np.float32
+    assert abs(images.mean()) < 0.3 and 0.5 < images.std() < 1.5
+
+
+@pytest.mark.parametrize('augment', ['imagenet', 'cifar'])
+def test_device_normalisation_equals_host_normalisation(augment):
+    """uint8 pixels normalised on the device are the host's float32 normalisation of the same
+    preprocessing, up to rounding the pixels to integers (half a grey level)."""
+    config = make_config(dataset='imagenet2012', image_size=24, augment=augment,
+                         color_jitter=0.4, pca_lighting=0.1)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.uint8)
+    pixels[:20] = np.maximum(pixels[:20], 230)   # bright: brightness jitter passes 255
+    mean, std = preprocess.normalisation(config)
+    left = []
+    for train_, seed in [(False, (0, 0)), *((True, (3, k)) for k in range(6))]:
+        seed = tf.constant(seed, tf.int64)
+        host = preprocess.preprocess_fn(config, train_, None)(tf.constant(pixels), seed)
+        sent = preprocess.preprocess_fn(config, train_, None, normalise=False)(
+            tf.constant(pixels), seed)
+        # colour noise may leave 0..255: training then sends bfloat16, evaluation uint8
+        assert sent.dtype == (tf.bfloat16 if train_ else tf.uint8)
+        device = np.asarray(train.normalise(sent.numpy()[None], mean, std))[0]
+        # half a grey level: uint8 rounding, or bfloat16's 8 significant bits for |pixels| <
+        # 256 (one grey level from 256 to 512, where brightness jitter can take a pixel)
+        raw = host.numpy() * std + mean
+        levels = np.abs(device - host.numpy()) * std
+        assert (levels <= np.where(np.abs(raw) < 256, 0.5, 1.0) + 1e-3).all(), levels.max()
+        if train_:
+            left.append(((host.numpy() * std + mean < 0) | (host.numpy() * std + mean > 255)).any())
+    assert any(left)   # the noise left 0..255 for some seed, and the device saw it unclipped
+    plain = make_config(dataset='imagenet2012', image_size=24, augment=augment)
+    assert preprocess.feed_dtype(plain, True) == preprocess.feed_dtype(plain, False) == 'uint8'
 
 
 @pytest.mark.parametrize('augment', ['cifar', 'imagenet'])

@@ -49,7 +49,7 @@ def planned():
     compiled, real = {}, plan.compile_step
 
     def cached(config, mesh, num_classes, global_batch, step=plan.TRAIN):
-        key = (config.form, global_batch, step)
+        key = (config.form, global_batch, step, mesh.devices.flat[0].device_kind)
         if key not in compiled:
             compiled[key] = real(config, mesh, num_classes, global_batch, step)
         return compiled[key]
@@ -62,8 +62,8 @@ def planned():
 
         rows = {b: step(b) for b in BATCHES}
         yield dict(rows=rows, step=step, config=config,
-                   hlo={b: compiled[(config.form, CHIPS * b, plan.TRAIN)][0].as_text()
-                        for b in BATCHES})
+                   hlo={b: compiled[(config.form, CHIPS * b, plan.TRAIN, 'TPU v5 lite')][0]
+                        .as_text() for b in BATCHES})
 
 
 def test_auto_form_is_the_tpu_form(planned):
@@ -132,6 +132,41 @@ def test_every_chip_computes_its_own_images_only(planned, b):
         assert any(b in shape for shape in result + lhs), (result, lhs)
 
 
+@pytest.mark.parametrize('per_chip, group, overrides', [
+    (16, 16, {'dtype': 'float32'}),                                 # one group per chip
+    (32, 8, {'dtype': 'bfloat16'}),                                 # four groups per chip
+    (32, 8, {'dtype': 'float32', 'fsdp': True, 'fsdp_min_size': 64}),
+], ids=['one-group-f32', 'four-groups-bf16', 'four-groups-f32-fsdp'])
+def test_grouped_batch_norm_costs_about_what_global_batch_norm_costs(per_chip, group, overrides):
+    """On TPU, BN over groups of images reads and writes ≤ 1.10× the bytes of BN over the
+    whole batch and needs ≤ 1.15× its HBM. (Regrouping the activations' batch axis, which TPU
+    layouts tile together with the channels, cost 2.5-2.7× the bytes and 1.5-2.1× the HBM of
+    this program with four groups per chip.)"""
+    tpu_slice = tpus.parse_slice('v5e-4')
+    mesh = Mesh(np.asarray(tpus.slice_devices(tpu_slice)), ('data',))
+    rows = [plan.plan_step(plan.tpu_config(tiny_config(bn_group_size=g, batch_size=CHIPS * per_chip,
+                                                       **overrides)), tpu_slice, mesh, 10)
+            for g in (0, group)]
+    whole, grouped = rows
+    assert grouped['bytes_accessed_per_chip'] <= 1.10 * whole['bytes_accessed_per_chip']
+    assert grouped['hbm_bytes_per_chip'] <= 1.15 * whole['hbm_bytes_per_chip']
+
+
+def test_two_device_chips_report_per_chip(planned):
+    """A v3 chip is two devices: the plan doubles the one-device program's counts, so a chip
+    doing 13 images costs what a v5e chip doing 13 images costs, whatever the chip."""
+    v3 = tpus.parse_slice('v3-8')
+    mesh = Mesh(np.asarray(tpus.slice_devices(v3)), ('data',))
+    b = 2 * 13   # per chip: 13 per TensorCore
+    row = plan.plan_step(planned['config'], v3, mesh, 10, per_chip_batch=b)
+    v5e = planned['step'](b)
+    assert row['devices_per_chip'] == 2 and row['global_batch'] == 4 * b
+    assert row['flops_per_chip'] == pytest.approx(v5e['flops_per_chip'], rel=0.03)
+    assert row['hbm_capacity_bytes'] == 32 * 2**30
+    # the host sends each chip its images as uint8 (normalised on the chip), labels as int32
+    assert row['host_bytes_per_chip'] == b * (12 * 12 * 3 + 4) == v5e['host_bytes_per_chip']
+
+
 def test_refused_program_reports_what_it_needs():
     devices = tpus.slice_devices(tpus.parse_slice('v5e-4'))
     sharding = NamedSharding(Mesh(np.asarray(devices), ('data',)), P('data'))
@@ -191,13 +226,18 @@ def test_max_batch_steps_are_the_batches_the_model_accepts():
 
 
 def test_slice_names_give_libtpu_devices():
-    for name, chips, kind in [('v4-8', 4, 'TPU v4'), ('v4-32', 16, 'TPU v4'),
-                              ('v5p-8', 4, 'TPU v5'), ('v5e-8', 8, 'TPU v5 lite'),
-                              ('v5litepod-8', 8, 'TPU v5 lite'), ('v6e-4', 4, 'TPU v6 lite')]:
+    for name, chips, kind, devices_per_chip, hosts in [
+            ('v4-8', 4, 'TPU v4', 1, 1), ('v4-32', 16, 'TPU v4', 1, 4),
+            ('v5p-8', 4, 'TPU v5', 1, 1), ('v5e-8', 8, 'TPU v5 lite', 1, 1),
+            ('v5litepod-8', 8, 'TPU v5 lite', 1, 1), ('v6e-4', 4, 'TPU v6 lite', 1, 1),
+            # v2 and v3: the name counts TensorCores, each its own device, two per chip
+            ('v3-8', 4, 'TPU v3', 2, 1), ('v3-32', 16, 'TPU v3', 2, 4),
+            ('v2-8', 4, 'TPU v2', 2, 1), ('v2-32', 16, 'TPU v2', 2, 4)]:
         s = tpus.parse_slice(name)
         devices = tpus.slice_devices(s)
-        assert s.num_chips == len(devices) == chips, name
+        assert s.num_chips == chips and len(devices) == chips * devices_per_chip, name
         assert {d.device_kind for d in devices} == {kind} == {s.chip.device_kind}, name
+        assert len({d.process_index for d in devices}) == hosts, name
     two = tpus.slice_devices(tpus.parse_slice('v5e-4', num_slices=2))
     assert len(two) == 2 * CHIPS and len({d.slice_index for d in two}) == 2
 
@@ -212,9 +252,11 @@ def run_cli(*args, prelude=''):
 
 @pytest.mark.parametrize('args, prelude, message', [
     (['--config=configs/paper.py:table3_resnext50_32x4d', '--topology=v5e-7'], '',
-     "unknown TPU topology 'v5e-7'; known: v4-{8,"),
+     "unknown TPU topology 'v5e-7'; known: v2-{8,32,128,256,512}; v3-{8,"),
     (['--config=configs/quickstart.py', '--topology=v4-8', '--config.batch_size=66'], '',
      'batch_size 66 is not divisible by the 4 chips of v4-8'),
+    (['--config=configs/quickstart.py', '--topology=v3-8', '--config.batch_size=12'], '',
+     'batch_size 12 is not divisible by the 8 TensorCores of v3-8'),
     (['--config=configs/quickstart.py', '--topology=v5e-8'], 'sys.modules["libtpu"] = None; ',
      "libtpu is not installed: pip install -e '.[tpu]'"),
 ])

@@ -109,7 +109,8 @@ def test_eval_counts_each_example_once(batch_size):
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                              batch_stats=variables['batch_stats'], opt_state=())
     mesh = parallel.make_mesh()
-    eval_fn = jax.jit(lambda s, b: train.eval_step(s, b, model=model))
+    eval_fn = jax.jit(lambda s, b: train.eval_step(s, b, model=model, mean=config.mean,
+                                                   std=config.std))
     got = train.evaluate(eval_fn, state, config, batch_size, mesh, source)
 
     images, labels = source.eval
@@ -159,6 +160,33 @@ def test_grouped_batch_norm_matches_hand_computation():
         plain.apply(variables, x, mutable=['batch_stats'])[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match='groups of 3 images do not divide the batch of 8'):
         GroupedBatchNorm(3).apply(variables, x, mutable=['batch_stats'])
+
+
+def test_grouped_batch_norm_gradients_equal_the_definitions():
+    """Outputs and gradients (input, scale, bias) equal BN written over a regrouped batch:
+    each group of 4 images normalised by its own two-pass mean and variance."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(2.0, 3.0, (16, 5, 5, 6)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    scale, bias = (jnp.asarray(rng.normal(size=6), jnp.float32) for _ in range(2))
+    bn = GroupedBatchNorm(group_size=4, epsilon=1e-3)
+    stats = bn.init(jax.random.key(0), x)['batch_stats']
+
+    def ours(x, scale, bias):
+        y, _ = bn.apply({'params': {'scale': scale, 'bias': bias}, 'batch_stats': stats}, x,
+                        mutable=['batch_stats'])
+        return jnp.sum(y * cotangent)
+
+    def definition(x, scale, bias):
+        groups = x.reshape(4, 4, 5, 5, 6)
+        mean = groups.mean((1, 2, 3), keepdims=True)
+        var = jnp.square(groups - mean).mean((1, 2, 3), keepdims=True)
+        y = ((groups - mean) / jnp.sqrt(var + 1e-3) * scale + bias).reshape(x.shape)
+        return jnp.sum(y * cotangent)
+
+    for got, want in zip(jax.value_and_grad(ours, (0, 1, 2))(x, scale, bias),
+                         jax.value_and_grad(definition, (0, 1, 2))(x, scale, bias)):
+        assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_batch_norm_in_a_sharded_step_is_per_group():
