@@ -77,9 +77,9 @@ def cross_entropy(logits, labels, smoothing=0.0):
 
 
 def normalise(images, mean, std):
-    """The input pipeline's uint8 pixels → the float32 (x − mean) / std the network sees: the
-    last step of `preprocess.preprocess_fn`, on the device, fused into the first convolution.
-    Float images pass through unchanged (`mean` None)."""
+    """The input pipeline's uint8 or bfloat16 pixels → the float32 (x − mean) / std the network
+    sees: the last step of `preprocess.preprocess_fn`, done on the device. Images pass through
+    unchanged when `mean` is None (callers that feed normalised float images)."""
     if mean is None:
         return images
     return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
@@ -170,7 +170,7 @@ def make_steps(config, model, tx, mesh, shardings):
     of the batch (`parallel.per_device`)."""
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     gather = repl if config.fsdp else None
-    mean, std = preprocess.normalisation(config)   # the input pipeline sends uint8 pixels
+    mean, std = preprocess.normalisation(config)   # the pipeline sends unnormalised pixels
     p_train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing,
                           gather=gather, mean=mean, std=std),
