@@ -72,6 +72,10 @@ class ArraySource:
                 raise ValueError(f'{part} images: {bad.sum()} of {len(images)} have NaN or '
                                  f'infinite pixels (the first is image {np.argmax(bad)}); '
                                  'replace those pixels or drop those images')
+            if images.size and (images.min() < 0 or images.max() > 255):
+                raise ValueError(f'{part} images have pixels in [{images.min():g}, '
+                                 f'{images.max():g}]; pass pixels in 0..255 (the input pipeline '
+                                 'feeds them to the devices as uint8): rescale them')
         return images, labels.astype(np.int32)
 
     def reader(self, part):

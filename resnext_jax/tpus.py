@@ -41,7 +41,7 @@ _V3 = ((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32))
 # Per-chip peak, HBM and HBM bandwidth from Google's Cloud TPU pages (the pages write "GB" for
 # v5e, v5p and v6e capacities; taken here as GiB, like v4's). The v2 page gives no figures and
 # points to Jouppi et al., "A Domain-Specific Supercomputer for Training Deep Neural Networks",
-# CACM 63(7), 2020, whose Table 3 gives TPUv2 46 TFLOP/s bf16, 16 GiB, 700 GB/s:
+# CACM 63(7), 2020, which gives TPUv2 46 TFLOP/s bf16, 16 GiB, 700 GB/s:
 #   v2  https://cloud.google.com/tpu/docs/v2   46 TFLOP/s bf16, 16 GiB, 700 GB/s (the paper's)
 #   v3  https://cloud.google.com/tpu/docs/v3   123 TFLOP/s bf16, 32 GiB, 900 GB/s
 #   v4  https://cloud.google.com/tpu/docs/v4   275 TFLOP/s bf16, 32 GiB, 1200 GB/s

@@ -294,6 +294,9 @@ def test_array_source_errors(digits):
     images = np.zeros((4, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match='outside'):
         sources.ArraySource(images, [0, 1, 2, 3], images, [0, 0, 0, 0], 3)
+    with pytest.raises(ValueError, match=r'pixels in \[-1, 1\]; pass pixels in 0..255'):
+        sources.ArraySource(np.linspace(-1, 1, 4 * 8 * 8 * 3).reshape(4, 8, 8, 3),
+                            [0, 1, 2, 0], images, [0, 0, 0, 0], 3)   # normalised floats
     with pytest.raises(ValueError, match='4 images but labels'):
         sources.ArraySource(images, [0, 1, 2], images, [0, 0, 0, 0], 3)
     with pytest.raises(ValueError, match='exceeds the 1437 train examples'):
