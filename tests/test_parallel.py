@@ -117,21 +117,11 @@ def test_per_device_is_plain_outside_a_mesh_or_for_uneven_batches():
 
 
 def _step_cost(per_device, **overrides):
-    """(bytes accessed, temporaries) per device of the compiled training step, 16×16 images."""
-    mesh = parallel.make_mesh()
+    """(bytes accessed, temporaries) per device of the compiled training step, 16×16 images,
+    compiled as `python -m resnext_jax.plan` compiles it (`plan.compile_step`)."""
+    from resnext_jax import plan
     config = tiny_config(image_size=16, batch_size=8 * per_device, form='grouped', **overrides)
-    model = train.build_model(config, 10)
-    tx = train.create_optimizer(config, 0.1)
-    _, abstract, shardings = train.state_layout(config, model, tx, mesh)
-    state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch = {'image': jax.ShapeDtypeStruct((8 * per_device, 16, 16, 3), jnp.float32,
-                                           sharding=parallel.batch_sharding(mesh)),
-             'label': jax.ShapeDtypeStruct((8 * per_device,), jnp.int32,
-                                           sharding=parallel.batch_sharding(mesh))}
-    with jax.set_mesh(mesh):
-        p_train, _ = train.make_steps(config, model, tx, mesh, shardings)
-        compiled = p_train.lower(state, batch).compile()
+    compiled, _ = plan.compile_step(config, parallel.make_mesh(), 10, 8 * per_device)
     return compiled.cost_analysis()['bytes accessed'], compiled.memory_analysis().temp_size_in_bytes
 
 
