@@ -1,8 +1,24 @@
-"""ResNeXt ("Aggregated Residual Transformations for Deep Neural Networks") in JAX/Flax."""
-from resnext_jax.aggregated import FORMS, AggregatedTransform
-from resnext_jax.models import (Bottleneck, GroupedBatchNorm, ResNeXt, create_model,
-                                list_models)
+"""ResNeXt ("Aggregated Residual Transformations for Deep Neural Networks") in JAX/Flax.
 
-__all__ = ['AggregatedTransform', 'Bottleneck', 'FORMS', 'GroupedBatchNorm', 'ResNeXt',
-           'create_model', 'list_models']
+The names below load on first use, so `import resnext_jax.runtime` (the tools' first step) and
+a tool's `--help` do not wait for JAX and Flax.
+"""
+import importlib
+
+_WHERE = {'AggregatedTransform': 'aggregated', 'FORMS': 'aggregated', 'Bottleneck': 'models',
+          'GroupedBatchNorm': 'models', 'ResNeXt': 'models', 'create_model': 'models',
+          'list_models': 'models'}
+__all__ = sorted(_WHERE)
 __version__ = '0.1.0'
+
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(f'{__name__}.{_WHERE[name]}'), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

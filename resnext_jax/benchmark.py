@@ -26,7 +26,9 @@ the header line shows the resulting XLA_FLAGS and GLIBC_TUNABLES).
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnext_jax import parallel
+from resnext_jax import cli, parallel
 from resnext_jax.aggregated import FORMS, block_diagonal, conv, resolve_form, sliced_conv
 from resnext_jax.models import create_model, model_spec
 from resnext_jax.summary import macs_by_scope
@@ -322,17 +324,19 @@ def input_main(argv):
     flags.DEFINE_boolean('input', True, 'Time the input pipeline.')
 
     def run(_):
-        config = flags.FLAGS.config
+        config, seconds = flags.FLAGS.config, flags.FLAGS.seconds
         if config is None:
             sys.exit('error: --input needs --config=configs/NAME.py[:ROW]')
-        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+        if not (math.isfinite(seconds) and seconds > 0):
+            sys.exit(f'error: --seconds {seconds} is not a finite number > 0: pass e.g. '
+                     '--seconds=30')
         from resnext_jax import sources, validate   # TensorFlow starts now
         try:
             validate.check_config(config)
             source = sources.make_source(config)
         except ValueError as e:
             sys.exit(f'error: {e}')
-        rows = [bench_input(config, part, flags.FLAGS.seconds, source)
+        rows = [bench_input(config, part, seconds, source)
                 for part in ('train', 'eval')]
         cores = os.cpu_count()
         if flags.FLAGS.json:
@@ -349,32 +353,53 @@ def input_main(argv):
             print(f"| {r['part']} | {r['images_per_sec']:.0f} | {r['cpu_cores']:.2f} | "
                   f"{r['images_per_core_sec']:.0f} |")
 
-    app.run(run, argv=argv)
+    app.run(run, argv=argv, flags_parser=functools.partial(
+        cli.parse_flags, hint='python -m resnext_jax.benchmark --help describes every option'))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if '--input' in argv:
         return input_main([sys.argv[0]] + argv)
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='resnext50_32x4d')
-    p.add_argument('--batch-size', type=int, default=16)
-    p.add_argument('--image-size', type=int, default=None, help='default: 224, CIFAR nets 32')
-    p.add_argument('--mode', choices=('train', 'infer', 'both'), default='both')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
-    p.add_argument('--bn-group-size', type=int, default=0,
+    p = cli.ArgumentParser(prog='python -m resnext_jax.benchmark',
+                           description=__doc__.split('\n\n')[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)   # --inp must not pass for --input
+    p.add_argument('--model', default='resnext50_32x4d',
+                   help='network name (python -m resnext_jax.summary --list prints them)')
+    p.add_argument('--batch-size', type=cli.integer(1), default=16,
+                   help='images per step, split over every local device')
+    p.add_argument('--image-size', type=cli.integer(1), default=None,
+                   help='default: 224, CIFAR nets 32')
+    p.add_argument('--mode', choices=('train', 'infer', 'both'), default='both',
+                   help='time the training step, inference, or both')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='computation dtype (parameters stay float32)')
+    p.add_argument('--bn-group-size', type=cli.integer(0), default=0,
                    help='training BN statistics per group of this many images (0: the batch)')
     p.add_argument('--form', default='auto',
                    help=f'one of {", ".join(FORMS)}, a comma-separated list, or "all"')
     p.add_argument('--torch', action='store_true', help='also time torchvision (optional extra)')
-    p.add_argument('--steps', type=int, default=5, help='timed calls (median reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed calls after the first')
+    p.add_argument('--steps', type=cli.integer(1), default=5,
+                   help='timed calls (median reported)')
+    p.add_argument('--warmup', type=cli.integer(0), default=2,
+                   help='untimed calls after the first')
     p.add_argument('--layer', action='store_true', help='time one grouped 3×3 conv per form')
-    p.add_argument('--width', type=int, default=128, help='--layer: channels')
-    p.add_argument('--groups', type=int, default=32, help='--layer: groups')
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--width', type=cli.integer(1), default=128, help='--layer: channels')
+    p.add_argument('--groups', type=cli.integer(1), default=32,
+                   help='--layer: groups, a divisor of --width')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    # Read by absl in input_main, as train.py reads them; here for --help, and refused alone.
+    p.add_argument('--input', action='store_true',
+                   help='time the input pipeline of --config instead of a network (with '
+                        '--config.FIELD=VALUE overrides, --seconds and --json only)')
+    p.add_argument('--config', metavar='FILE[:ROW]',
+                   help='--input: training recipe, e.g. configs/paper.py:ROW')
+    p.add_argument('--seconds', type=float, metavar='S',
+                   help='--input: seconds timed per part, after the first batch (default: 30)')
     args = p.parse_args(argv)
+    if args.config is not None or args.seconds is not None:
+        p.error('--config and --seconds time the input pipeline: add --input')
 
     try:
         spec = model_spec(args.model)
@@ -386,8 +411,10 @@ def main(argv=None):
         if not args.layer and args.batch_size % jax.device_count():
             raise ValueError(f'--batch-size {args.batch_size} is not divisible by the '
                              f'{jax.device_count()} devices; use a multiple')
-        if args.bn_group_size < 0 or (args.bn_group_size
-                                      and args.batch_size % args.bn_group_size):
+        if args.layer and args.width % args.groups:
+            raise ValueError(f'--groups {args.groups} does not divide --width {args.width}: '
+                             'use a divisor')
+        if args.bn_group_size and args.batch_size % args.bn_group_size:
             raise ValueError(f'--bn-group-size {args.bn_group_size} does not divide '
                              f'--batch-size {args.batch_size}: use a divisor, or 0 for the batch')
         if args.torch:

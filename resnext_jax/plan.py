@@ -21,9 +21,9 @@ compiles every form of the aggregated transformation; `--max-batch` finds the la
 batch that fits, from the memory of two compiles extrapolated (memory grows about linearly with
 the batch) and as few more as confirm it. Each compile of a ResNeXt-50 takes minutes.
 """
+import functools
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -31,20 +31,22 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnext_jax import tpus
+from resnext_jax import cli, tpus
 
 
 def define_flags():
     """The command's flags; `python -m resnext_jax.plan` defines them before parsing."""
     config_flags.DEFINE_config_file('config', None, 'Training recipe, e.g. configs/paper.py:ROW.')
     flags.DEFINE_string('topology', None, 'Cloud TPU slice, e.g. v5e-8, v4-32, v5p-8, v6e-8.')
-    flags.DEFINE_integer('num-slices', 1, 'Slices joined by the data-centre network.')
+    flags.DEFINE_integer('num-slices', 1, 'Slices joined by the data-centre network.',
+                         lower_bound=1)
     flags.DEFINE_string('form', None, "Form of the aggregated transformation, or 'all'; "
                                       "default: the config's ('auto' is 'grouped' on TPU).")
     flags.DEFINE_boolean('max-batch', False, 'Also find the largest per-chip batch that fits.')
     flags.DEFINE_boolean('eval', False, 'Also compile the evaluation step.')
     flags.DEFINE_boolean('json', False, 'Print one JSON object (the report goes to stderr).')
-    flags.DEFINE_integer('num-classes', None, "Default: the dataset's, from its TFDS metadata.")
+    flags.DEFINE_integer('num-classes', None, "Default: the dataset's, from its TFDS metadata.",
+                         lower_bound=1)
 
 
 FLAGS = flags.FLAGS
@@ -56,9 +58,12 @@ OUT_OF_MEMORY = re.compile(r'total memory required[^(]*\(([\d.]+)G\)')
 
 
 def check_batch(global_batch, tpu_slice):
-    """The per-chip batch; ValueError unless every device gets the same number of images."""
+    """The per-chip batch; ValueError unless every device gets the same number (≥ 1) of images."""
     n, what = ((tpu_slice.num_chips, 'chips') if tpu_slice.chip.devices_per_chip == 1
                else (tpu_slice.num_devices, 'TensorCores'))
+    if global_batch < 1:
+        raise ValueError(f'batch_size {global_batch} is not an integer ≥ 1: choose a multiple of '
+                         f'{n} (--config.batch_size)')
     if global_batch % n:
         raise ValueError(
             f'batch_size {global_batch} is not divisible by the {n} {what} of '
@@ -379,6 +384,8 @@ def main(argv):
         if form not in (None, 'all'):
             from resnext_jax.aggregated import check_form
             check_form(form)
+        from resnext_jax import validate   # TensorFlow starts now
+        validate.check_config(FLAGS.config)   # what train.py would refuse
         import jax
         jax.config.update('jax_platforms', 'cpu')  # the local backend only traces; no TPU needed
         out = sys.stderr if FLAGS.json else sys.stdout  # with --json, stdout is the JSON alone
@@ -392,6 +399,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=functools.partial(
+        cli.parse_flags, hint='python -m resnext_jax.plan --helpfull lists every flag'))

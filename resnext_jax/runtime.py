@@ -1,4 +1,4 @@
-"""Process settings that make XLA:CPU faster; the command-line entry points apply them.
+"""Process settings for the command-line entry points: a quiet start, and a faster XLA:CPU.
 
 `prepare_process()` is the first thing train.py, `python -m resnext_jax.benchmark` and
 `python -m resnext_jax.predict` do. Importing the library changes nothing; a program of your own
@@ -23,6 +23,14 @@ the development machine (README "Performance") and each left alone when you chos
    `GLIBC_TUNABLES` already names it (`glibc.malloc.hugetlb=0` opts out), off Linux, with an
    older glibc, or when the kernel's transparent huge pages are not in `madvise` mode
    (`always` gives them anyway, `never` forbids them).
+
+`quiet_start()` (also called by `prepare_process`) keeps libraries' start-up chatter off the
+screen, for every tool: TensorFlow's oneDNN banner (`TF_ENABLE_ONEDNN_OPTS=0`: oneDNN speeds
+TensorFlow's matrix products, which the input pipeline does not run) and its C++ INFO
+lines (`TF_CPP_MIN_LOG_LEVEL=2`), and, on a machine with libtpu installed (the `tpu` extra) but
+no TPU chip and no GPU plugin, libtpu's failed probe for TPU hosts (`JAX_PLATFORMS=cpu`; the
+probe prints `E0000 … unexpected worker hostname …` once TensorFlow is loaded). Each is left
+alone when the variable is already set.
 """
 import os
 import re
@@ -73,8 +81,49 @@ def huge_pages_wanted(environ, glibc, thp):
             and TUNABLE not in environ.get('GLIBC_TUNABLES', ''))
 
 
+GOOGLE_PCI_VENDOR = '0x1ae0'   # how JAX and libtpu recognise TPU chips on the PCI bus
+GPU_PLUGIN = re.compile(r'jax_(cuda|rocm)\d+_plugin')   # jax[cuda12]'s jax_cuda12_plugin, …
+
+
+def tpu_chip_present(pci_devices='/sys/bus/pci/devices'):
+    """Whether a Google (TPU) device sits on the PCI bus; True where that cannot be read."""
+    try:
+        names = os.listdir(pci_devices)
+    except OSError:
+        return True
+    for name in names:
+        try:
+            with open(os.path.join(pci_devices, name, 'vendor')) as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def quiet_environment(environ, tpu_chip, gpu_plugin):
+    """The variables `quiet_start` sets: {name: value} for those not set in `environ`."""
+    wanted = {'TF_ENABLE_ONEDNN_OPTS': '0', 'TF_CPP_MIN_LOG_LEVEL': '2'}
+    if not tpu_chip and not gpu_plugin:
+        wanted['JAX_PLATFORMS'] = 'cpu'
+    return {k: v for k, v in wanted.items() if k not in environ}
+
+
+def quiet_start():
+    """Sets `quiet_environment`'s variables (see the module doc). Call it before TensorFlow
+    is imported and before JAX starts a backend."""
+    import pkgutil
+    gpu = any(GPU_PLUGIN.fullmatch(m.name) for m in pkgutil.iter_modules())
+    settings = quiet_environment(os.environ, tpu_chip_present(), gpu)
+    os.environ.update(settings)
+    if 'JAX_PLATFORMS' in settings and 'jax' in sys.modules:   # JAX read it when imported
+        sys.modules['jax'].config.update('jax_platforms', settings['JAX_PLATFORMS'])
+
+
 def prepare_process():
-    """Applies both settings; may restart the process. Call it before JAX starts a backend."""
+    """Applies `quiet_start` and both speed settings; may restart the process. Call it before
+    JAX starts a backend."""
+    quiet_start()
     flags = xla_flags_with_ynn_fusions(os.environ.get('XLA_FLAGS', ''), jaxlib_version())
     if flags:
         os.environ['XLA_FLAGS'] = flags

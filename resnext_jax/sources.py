@@ -176,11 +176,11 @@ def _folder(root, config):
         raise ValueError(f'image folder {root} does not exist: fix --config.dataset '
                          "('folder:/path/to/root' with root/<split>/<class>/*.jpg)")
     classes, parts = None, []
-    for split in splits:
+    for field, split in zip(('train_split', 'eval_split'), splits):
         path = os.path.join(root, split)
         if not tf.io.gfile.isdir(path):
             raise ValueError(f'image folder {path} does not exist: expected '
-                             f'{root}/<split>/<class>/*.jpg, or fix --config.{split}_split')
+                             f'{root}/<split>/<class>/*.jpg, or fix --config.{field}')
         found = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(path)
                        if tf.io.gfile.isdir(os.path.join(path, d)))
         classes = classes or found

@@ -8,7 +8,6 @@ convolution and the final fully-connected layer, one per weight use, read off th
 computation (`jax.make_jaxpr`) with the grouped form. Batch norm, ReLU, pooling and the
 residual additions are not counted. Nothing is computed: shapes come from `jax.eval_shape`.
 """
-import argparse
 import json
 import math
 import re
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from resnext_jax import cli
 from resnext_jax.models import create_model, list_models, model_spec
 
 
@@ -112,12 +112,15 @@ def format_summary(s):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog='python -m resnext_jax.summary',
+                                description=__doc__.splitlines()[0])
     parser.add_argument('names', nargs='*', help='network names (see --list)')
     parser.add_argument('--all', action='store_true', help='every registered network')
     parser.add_argument('--list', action='store_true', help='print the registered names')
-    parser.add_argument('--image-size', type=int, help='default: 224 ImageNet, 32 CIFAR')
-    parser.add_argument('--num-classes', type=int)
+    parser.add_argument('--image-size', type=cli.integer(1),
+                        help='input height and width; default: 224 ImageNet, 32 CIFAR')
+    parser.add_argument('--num-classes', type=cli.integer(1),
+                        help="classifier outputs; default: the network's (1000 or 10)")
     parser.add_argument('--json', action='store_true', help='one JSON object per network')
     args = parser.parse_args(argv)
     if args.list:
@@ -130,7 +133,8 @@ def main(argv=None):
         try:
             model_spec(name)
         except ValueError as e:
-            parser.error(str(e))
+            parser.exit(1, f'error: {e}\n')
+    for name in names:
         s = summarize(name, args.image_size, num_classes=args.num_classes)
         print(json.dumps(s) if args.json else format_summary(s) + '\n')
 

@@ -14,7 +14,6 @@ Accuracy rows: every row of Tables 3, 4, 5 and 7 and the Fig. 7 CIFAR series is 
 `python train.py --config=configs/paper.py:ROW`, whose config `name` is the row id; `--results`
 matches workdirs to rows by the `name` in their `config.json`.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -22,6 +21,7 @@ import sys
 
 from etils import epath
 
+from resnext_jax import cli
 from resnext_jax import metrics as metrics_lib
 from resnext_jax.summary import summarize
 
@@ -237,6 +237,11 @@ def results(workdirs):
         except (FileNotFoundError, json.JSONDecodeError) as e:
             raise ValueError(f'{w} is not a training workdir ({e}); pass directories that '
                              'train.py wrote') from None
+        if run['name'] not in ROW_IDS:
+            raise ValueError(
+                f"{w} is not a run of a paper row (its recipe name is {run['name']!r}); "
+                'pass workdirs trained with --config=configs/paper.py:ROW '
+                '(python -m resnext_jax.tables --rows lists the rows)')
         runs[run['name']] = run
     rows = []
     for r in ROWS:
@@ -268,8 +273,9 @@ def format_results(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--json', action='store_true')
+    p = cli.ArgumentParser(prog='python -m resnext_jax.tables',
+                           description=__doc__.split('\n\n')[0])
+    p.add_argument('--json', action='store_true', help='print JSON instead of the tables')
     p.add_argument('--results', nargs='+', metavar='RUN_DIR',
                    help='workdirs of paper runs: print the accuracy tables with our results')
     p.add_argument('--rows', nargs='*', metavar='TABLE',
@@ -279,11 +285,17 @@ def main(argv=None):
     if args.rows is not None:
         unknown = sorted(set(args.rows) - {r.table for r in ROWS})
         if unknown:
-            p.error(f'unknown table {unknown[0]!r}; use table3, table4, table5, table7 or fig7')
+            p.exit(1, f'error: --rows: unknown table {unknown[0]!r}; use table3, table4, table5, '
+                      'table7 or fig7\n')
         print('\n'.join(r.id for r in ROWS if r.provided and r.id not in ALIASES
                         and (not args.rows or r.table in args.rows)))
         return
     if args.results:
+        for w in args.results:
+            path = epath.Path(w)
+            if '://' not in w and not path.is_dir():
+                what = 'is a file, not a directory' if path.exists() else 'does not exist'
+                sys.exit(f'error: --results {w} {what}: pass the workdirs that train.py wrote')
         try:
             rows = results(args.results)
         except ValueError as e:

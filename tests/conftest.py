@@ -11,6 +11,7 @@ os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ.setdefault(
     'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # as the tools run TensorFlow (runtime.py)
 
 try:  # torch 2.14 / torchvision 0.29 (CUDA builds) crash when imported after TensorFlow 2.21
     import torch  # noqa: F401

@@ -290,6 +290,16 @@ def folder_config(root, **kw):
                           'augment': 'none', 'mean': (0.,) * 3, 'std': (1.,) * 3, **kw})
 
 
+def test_missing_split_folder_names_the_field_that_chooses_it(tmp_path):
+    image_folder(tmp_path, {'train': {'a': 2, 'b': 2}}, bad=())
+    for field, value in (('eval_split', 'test'), ('train_split', 'training')):
+        config = folder_config(tmp_path, **{field: value})
+        with pytest.raises(ValueError, match=rf'{tmp_path}/{value} does not exist: .*, or fix '
+                                             rf'--config\.{field}$'):
+            sources.make_source(config)
+        assert field in default.get_config()   # the message names a field that exists
+
+
 BAD_TRAIN = ('train/a/03.png', 'train/b/05.png', 'train/b/06.png')   # ids 3, 17, 18
 
 

@@ -1,6 +1,7 @@
 """Paper reproduction: architecture tables from the modules, one recipe per row, the report."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -205,3 +206,12 @@ def test_report_from_real_runs(tmp_path, monkeypatch, capsys):
     assert '22.20' in line and 'running (step 2/4)' in line
     with pytest.raises(SystemExit, match='is not a training workdir'):
         tables.main(['--results', str(tmp_path)])
+
+    # A run of another recipe (the quick start's has no name) fills no row: one line instead.
+    other = tmp_path / 'quickstart'
+    shutil.copytree(done, other)
+    config = json.loads((other / 'config.json').read_text())
+    (other / 'config.json').write_text(json.dumps({**config, 'name': ''}))
+    with pytest.raises(SystemExit, match=rf"^error: {other} is not a run of a paper row \(its "
+                                         r"recipe name is ''\); pass workdirs trained with "):
+        tables.main(['--results', str(done), str(other)])
