@@ -24,22 +24,32 @@ A file (.pth/.pt via `torch.load(weights_only=True)`, .safetensors, .npz) become
 checkpoint directory laid out like a training workdir (`ckpt/checkpoints/0`, read by
 `resnext_jax.checkpoint.load_checkpoint` and `--config.init_from`); a checkpoint directory or a
 training workdir becomes a file that torchvision's `ResNet.load_state_dict(strict=True)` takes.
+
+Exported .safetensors and .npz files also record what the checkpoint knew (`FILE_META`: model
+name and options, classes, preprocessing) as one JSON string: the safetensors metadata entry
+'resnext_jax', or the .npz entry 'resnext_jax' (a 0-d string array; no pickles). Reading such a
+file restores it (`--model` and `--model-options` then default to the recorded ones); files
+without it still load. Files are written atomically (a temporary file renamed), honouring the
+umask.
 """
 import argparse
+import contextlib
 import functools
 import importlib
 import json
 import os
 import pickle
 import re
+import secrets
 import sys
+import zipfile
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax import checkpoint
+from resnext_jax import checkpoint, cli
 from resnext_jax.models import create_model
 
 STATE_DICT_FILES = ('.pth', '.pt', '.safetensors', '.npz')
@@ -48,6 +58,11 @@ _LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'runni
 _MODULES = {'stem/conv': 'conv1', 'stem/bn': 'bn1', 'head': 'fc', 'proj_conv': 'downsample.0',
             'proj_bn': 'downsample.1'}
 _TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}   # HWIO → OIHW, (in, out) → (out, in)
+META_KEY = 'resnext_jax'   # the metadata entry of exported .safetensors and .npz files
+# What an exported file records: the model, its classes and its evaluation preprocessing
+# (`preprocess.EVAL_FIELDS`, listed here so that converting needs no TensorFlow).
+FILE_META = ('model', 'model_options', 'num_classes', 'class_names', 'dataset', 'image_size',
+             'eval_image_size', 'eval_resize', 'augment', 'mean', 'std')
 
 
 # ------------------------------------------------------------------------------ the mapping
@@ -176,58 +191,122 @@ def weights_suffix(path):
 
 
 def read_state_dict(path):
-    """name → numpy array from .pth/.pt (plain tensors only: `weights_only=True`; a bare state
-    dict or one under 'state_dict' / 'model'), .safetensors or .npz; a DataParallel 'module.'
-    prefix is removed."""
+    """name → numpy array of a weights file (see `read_weights`)."""
+    return read_weights(path)[0]
+
+
+def read_weights(path):
+    """(state dict, metadata) of a weights file: name → numpy array from .pth/.pt (plain
+    tensors only: `weights_only=True`; a bare state dict or one under 'state_dict' / 'model'),
+    .safetensors or .npz, with a DataParallel 'module.' prefix removed; and the `FILE_META`
+    an exported .safetensors / .npz file records ({} for any other file)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} does not exist')
+        raise FileNotFoundError(f'{path} does not exist: pass a .pth, .pt, .safetensors or '
+                                '.npz file')
     suffix = weights_suffix(path)
+    if suffix == '.npz' and not zipfile.is_zipfile(path):
+        raise ValueError(f'{path} is not an .npz file (not a zip archive): pass one written by '
+                         'numpy.savez or by this converter')
     if suffix == '.safetensors':
-        load = _optional('safetensors.numpy', suffix).load_file
-    elif suffix == '.npz':
-        def load(path):
-            with np.load(path, allow_pickle=False) as f:
-                return dict(f)
-    else:
+        safetensors = _optional('safetensors', suffix)
+    elif suffix != '.npz':
         torch = _optional('torch', suffix)
-        load = functools.partial(torch.load, map_location='cpu', weights_only=True)
+    text = None
     try:
-        obj = load(path)
+        if suffix == '.safetensors':
+            with safetensors.safe_open(path, 'np') as f:
+                obj = {key: f.get_tensor(key) for key in f.keys()}
+                text = (f.metadata() or {}).get(META_KEY)
+        elif suffix == '.npz':
+            with np.load(path, allow_pickle=False) as f:
+                obj = dict(f)
+            text = obj.pop(META_KEY, None)
+        else:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f'{path} is not a plain torch state dict (torch.load(weights_only=True) '
-                         'refused it: a whole pickled model, or not a torch file)') from None
+                         'refused it: a whole pickled model, or not a torch file): save '
+                         'model.state_dict() instead') from None
     except Exception as e:  # noqa: BLE001 (each reader has its own errors for a broken file)
-        raise ValueError(f'{path} is not a readable {suffix} file: {e}') from None
+        if suffix == '.npz' and 'pickle' in str(e):
+            raise ValueError(f'{path} holds object arrays, which are never unpickled: save '
+                             'plain numeric arrays (numpy.savez(path, **state_dict))') from None
+        raise ValueError(f'{path} is not a readable {suffix} file '
+                         f'({checkpoint._first_line(e)}): check that it is complete and of '
+                         'that type') from None
     for key in ('state_dict', 'model'):  # training checkpoints nest the weights
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict')
+        raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict: save '
+                         'model.state_dict()')
     state_dict = {key: _numpy(value) for key, value in obj.items()}
     if state_dict and all(key.startswith('module.') for key in state_dict):
         state_dict = {key[len('module.'):]: value for key, value in state_dict.items()}
-    return state_dict
+    return state_dict, _file_meta(text, path)
 
 
-def write_state_dict(state_dict, path):
-    """Writes name → numpy array as .pth/.pt (torch tensors), .safetensors or .npz."""
+def _file_meta(text, path):
+    if text is None:
+        return {}
+    try:
+        meta = json.loads(str(text))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its '{META_KEY}' entry is not a JSON object: remove it or "
+                         'export the file again')
+    return meta
+
+
+def write_state_dict(state_dict, path, meta=None):
+    """Writes name → numpy array as .pth/.pt (torch tensors), .safetensors or .npz, the last two
+    with `meta` (a JSON-able dict) as their 'resnext_jax' entry. Atomic: written to a temporary
+    file beside `path` and renamed over it once complete, so a failed write leaves nothing
+    there; created as any file is (0666 less the umask); missing directories are made."""
     suffix = weights_suffix(path)
+    text = json.dumps(meta, sort_keys=True) if meta else None
     if suffix == '.safetensors':
-        _optional('safetensors.numpy', suffix).save_file(state_dict, path)
+        save = _optional('safetensors.numpy', suffix).save
+
+        def write(f):
+            f.write(save(state_dict, metadata={META_KEY: text} if text else None))
     elif suffix == '.npz':
-        np.savez(path, **state_dict)
+        def write(f):
+            np.savez(f, **state_dict, **({META_KEY: np.array(text)} if text else {}))
     else:
         torch = _optional('torch', suffix)
-        torch.save({key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()},
-                   path)
+
+        def write(f):
+            torch.save({key: torch.from_numpy(np.array(value))
+                        for key, value in state_dict.items()}, f)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f'.{name}.{secrets.token_hex(4)}.tmp')
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(temporary, 'xb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as e:
+        reason = 'a file is in the way of its directory' if isinstance(
+            e, FileExistsError) else e.strerror or e
+        raise OSError(f'cannot write {path} ({reason}): choose a file in a writable '
+                      'directory') from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 def _optional(module, suffix):
+    package = module.split('.')[0]
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f'{suffix} files need the {module.split(".")[0]} package: '
-                         'pip install "resnext_jax[torch]"') from None
+        extra = '' if package == 'safetensors' else ' (or pip install "resnext_jax[torch]")'
+        raise ValueError(f'{suffix} files need the {package} package: pip install '
+                         f'{package}{extra}') from None
 
 
 def _model_options(options):
@@ -235,21 +314,58 @@ def _model_options(options):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
 
 
-def load_model(directory, name=None, options=None):
-    """(model, variables, meta) of the newest checkpoint in a directory from `import_weights`
-    or a training workdir. The model name and options default to those the checkpoint records
-    (its meta, else the workdir's config.json); the classes are the head's."""
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'{directory} is not a checkpoint directory')
-    state, meta = checkpoint.load_checkpoint(directory)
-    config_file = os.path.join(directory, 'config.json')
+def from_weights(path, name=None, num_classes=None, options=None):
+    """(model, variables, meta) of a weights file. The model name and options default to those
+    the file records (an exported file does), the classes to the rows of `fc.weight`; `meta`
+    is the `FILE_META` of the file and of the model built."""
+    state_dict, recorded = read_weights(path)
+    name = name or recorded.get('model')
+    if not name:
+        raise ValueError(f'{path} does not record its network: pass --model NAME')
+    if options is None and name == recorded.get('model'):
+        options = recorded.get('model_options')
+    options = _model_options(options)
+    if num_classes is None and 'fc.weight' in state_dict:
+        num_classes = int(np.shape(state_dict['fc.weight'])[0])
+    model = create_model(name, num_classes=num_classes, **options)
+    try:
+        variables = torch_to_flax(state_dict, model)
+    except ValueError as e:
+        raise ValueError(f'{path} does not fit --model {name}: {e}') from None
+    meta = {k: recorded[k] for k in FILE_META if k in recorded}
+    meta.update(model=name, model_options=json.loads(json.dumps(options)),
+                num_classes=model.num_classes)
+    if len(meta.get('class_names') or []) != model.num_classes:
+        meta.pop('class_names', None)   # another head: the names are not its classes
+    meta.setdefault('image_size', 224 if model.stem == 'imagenet' else 32)
+    return model, variables, meta
+
+
+def load_model(path, name=None, options=None):
+    """(model, variables, meta) of a weights file (`from_weights`), or of the newest checkpoint
+    in a directory from `import_weights` or a training workdir. The model name and options
+    default to those recorded (a checkpoint's meta, else the workdir's config.json); the
+    classes are the head's. `meta` is what is recorded, with the model name, options and
+    classes used."""
+    if os.path.isfile(path):
+        return from_weights(path, name, options=options)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'{path} is not a checkpoint directory or weights file: pass a '
+                                'training workdir, a directory that convert wrote or a '
+                                '.safetensors / .npz / .pth file')
+    try:
+        state, meta = checkpoint.load_checkpoint(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f'{e}: pass a training workdir or a directory that '
+                                'python -m resnext_jax.convert wrote') from None
+    config_file = os.path.join(path, 'config.json')
     config = {}
     if os.path.isfile(config_file):
         with open(config_file) as f:
             config = json.load(f)
     name = name or meta.get('model') or config.get('model')
     if not name:
-        raise ValueError(f'{directory} does not record its model; pass --model')
+        raise ValueError(f'{path} does not record its model: pass --model NAME')
     if options is None:
         options = meta.get('model_options', config.get('model_options'))
     options = _model_options(options)
@@ -260,64 +376,73 @@ def load_model(directory, name=None, options=None):
         check_shapes(torch_shapes(variables), torch_shapes(abstract_variables(model)))
     except ValueError as e:
         model_text = f'{name} {options}' if options else name
-        raise ValueError(f'{directory} does not hold model {model_text}: {e}') from None
+        raise ValueError(f'{path} does not hold model {model_text}: {e}') from None
+    meta = {**meta, 'model': name, 'model_options': json.loads(json.dumps(options)),
+            'num_classes': model.num_classes}
     return model, variables, meta
 
 
 # ------------------------------------------------------------------------------ command line
 
-def import_weights(src, dst, name, num_classes=None, options=None):
-    """A torchvision/timm weights file → an orbax checkpoint directory for model `name`."""
+def import_weights(src, dst, name=None, num_classes=None, options=None):
+    """A torchvision/timm weights file → an orbax checkpoint directory for model `name` (default:
+    the one the file records), with the file's metadata."""
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f'{src} does not exist: pass a .pth, .pt, .safetensors or '
+                                '.npz file')
     if os.path.splitext(dst)[1] in STATE_DICT_FILES:
         raise ValueError(f'{dst}: a weights file is read into a checkpoint directory, not '
                          'another weights file')
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError(f'{dst} exists and is not an empty directory; choose a new one')
-    state_dict = read_state_dict(src)
-    if num_classes is None and 'fc.weight' in state_dict:
-        num_classes = int(np.shape(state_dict['fc.weight'])[0])
-    options = _model_options(options)
-    model = create_model(name, num_classes=num_classes, **options)
+    _, variables, meta = from_weights(src, name, num_classes, options)
     try:
-        variables = torch_to_flax(state_dict, model)
-    except ValueError as e:
-        raise ValueError(f'{src} does not fit --model {name}: {e}') from None
-    checkpoint.save_variables(dst, variables, {
-        'model': name, 'model_options': options, 'num_classes': model.num_classes,
-        'image_size': 224 if model.stem == 'imagenet' else 32, 'source': os.path.basename(src)})
+        checkpoint.save_variables(dst, variables, {**meta, 'source': os.path.basename(src)})
+    except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
+        raise OSError(f'cannot write the checkpoint {dst} ({checkpoint._first_line(e)}): '
+                      'choose a writable destination') from None
 
 
 def export_weights(src, dst, name=None, options=None):
-    """An orbax checkpoint directory or training workdir → a torchvision weights file."""
+    """An orbax checkpoint directory or training workdir → a torchvision weights file (with the
+    checkpoint's `FILE_META` in a .safetensors or .npz file)."""
     weights_suffix(dst)   # before the slow part
-    _, variables, _ = load_model(src, name, options)
-    write_state_dict(flax_to_torch(variables), dst)
+    _, variables, meta = load_model(src, name, options)
+    write_state_dict(flax_to_torch(variables), dst,
+                     {k: meta[k] for k in FILE_META if k in meta})
+
+
+def json_object(text):
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a JSON object: write it as '
+                                         '\'{"stage_sizes": [1, 1, 1, 1]}\'')
+    return value
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='python -m resnext_jax.convert', description=__doc__.split('\n\n')[0],
         epilog='SRC a weights file (.pth/.pt/.safetensors/.npz) → DST a checkpoint directory; '
                'SRC a checkpoint directory or training workdir → DST a weights file.')
     parser.add_argument('src', metavar='SRC')
     parser.add_argument('dst', metavar='DST')
-    parser.add_argument('--model', help='network name, e.g. resnext50_32x4d (needed for a '
-                        "weights file; a checkpoint's own by default)")
-    parser.add_argument('--num-classes', type=int,
+    parser.add_argument('--model', help='network name, e.g. resnext50_32x4d (default: the one '
+                        'the checkpoint or an exported weights file records)')
+    parser.add_argument('--num-classes', type=cli.integer(0),
                         help="classes of the head (default: the weights' fc.weight rows)")
-    parser.add_argument('--model-options', type=json.loads, metavar='JSON',
+    parser.add_argument('--model-options', type=json_object, metavar='JSON',
                         help='other ResNeXt fields, e.g. \'{"stage_sizes": [1, 1, 1, 1]}\'')
     args = parser.parse_args(argv)
     try:
         if os.path.isdir(args.src):
             export_weights(args.src, args.dst, args.model, args.model_options)
-        elif not os.path.exists(args.src):
-            raise FileNotFoundError(f'{args.src} does not exist')
         else:
-            if not args.model:
-                raise ValueError(f'pass --model NAME: which network {args.src} holds')
             import_weights(args.src, args.dst, args.model, args.num_classes, args.model_options)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f'error: {e}'.splitlines()[0], file=sys.stderr)
         return 1
     print(f'wrote {args.dst}')

@@ -7,21 +7,25 @@ Each image is preprocessed as the checkpoint's evaluation was (`preprocess.prepr
 the image size, eval crop and resize, augment family and normalisation its metadata records): for
 ImageNet weights and converted ones the shorter side resized to 256, the centre 224×224
 cropped and the ImageNet mean and std; for a CIFAR or digits run its own size and statistics.
-The checkpoint is a directory from `python -m resnext_jax.convert` or a training workdir; the
-model name and options default to the ones it records. A 1000-class head prints ImageNet class
-names (shipped with tensorflow_datasets, read offline); any other prints class indices.
+The checkpoint is a directory from `python -m resnext_jax.convert`, a training workdir or a
+weights file (an exported .safetensors / .npz records the same metadata); the model name and
+options default to the ones it records. Weights that record no preprocessing (converted
+torchvision files) get ImageNet's, with a one-line warning; `--preprocessing NAME` (one of
+`PREPROCESSING`) and `--image-size N` choose another. The recorded class names are printed, else
+ImageNet's for a 1000-class head (shipped with tensorflow_datasets, read offline), else indices.
 """
-import argparse
-import json
 import os
 import sys
 
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
-from resnext_jax import convert, preprocess
+from resnext_jax import cli, convert
+
+import tensorflow as tf   # after cli: quiet (cli's doc)
+
+from resnext_jax import preprocess
 
 
 def imagenet_class_names():
@@ -41,6 +45,31 @@ def imagenet_class_names():
     return None
 
 
+# --preprocessing: how the recipes in configs/ evaluate (mean and std follow the dataset).
+PREPROCESSING = {
+    'imagenet': {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet'},
+    'cifar10': {'dataset': 'cifar10', 'image_size': 32, 'augment': 'cifar'},
+    'cifar100': {'dataset': 'cifar100', 'image_size': 32, 'augment': 'cifar'},
+    'digits': {'dataset': 'digits', 'image_size': 16, 'augment': 'none'},   # the quick start
+}
+RECORDED = ('augment', 'mean', 'std')   # what metadata that records its preprocessing has
+
+
+def with_preprocessing(meta, preprocessing=None, image_size=None):
+    """`meta` with the evaluation fields of the `PREPROCESSING` preset named `preprocessing`
+    instead of the recorded ones, and with crop side `image_size` (its resize following)."""
+    meta = dict(meta)
+    if preprocessing:
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f'unknown preprocessing {preprocessing!r}: use one of '
+                             f'{", ".join(PREPROCESSING)}')
+        meta = {k: v for k, v in meta.items() if k not in preprocess.EVAL_FIELDS}
+        meta.update(PREPROCESSING[preprocessing])
+    if image_size is not None:
+        meta.update(image_size=image_size, eval_image_size=image_size, eval_resize=None)
+    return meta
+
+
 def eval_config(meta):
     """The config fields evaluation preprocessing reads (`preprocess.EVAL_FIELDS`), from a
     checkpoint's metadata; what it lacks (converted weights record only the model) is
@@ -55,7 +84,7 @@ def load_image(path, meta=None):
     """An image file as the model's input, (S, S, 3) float32, preprocessed as the evaluation of
     the checkpoint whose metadata is `meta` was (default: ImageNet's)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} does not exist')
+        raise FileNotFoundError(f'{path} does not exist: pass image files (JPEG, PNG, GIF, BMP)')
     transform = preprocess.preprocess_fn(eval_config(meta or {}), train=False, encoding='file')
     try:
         return transform(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
@@ -63,15 +92,28 @@ def load_image(path, meta=None):
         raise ValueError(f'{path} is not an image that TensorFlow can decode') from None
 
 
-def predict(checkpoint, images, model=None, model_options=None, top=5):
-    """[(path, [(probability, label), ...]), ...] with the `top` most probable classes."""
+def predict(checkpoint, images, model=None, model_options=None, top=5, preprocessing=None,
+            image_size=None):
+    """[(path, [(probability, label), ...]), ...] with the `top` most probable classes, the
+    images preprocessed as recorded, or as `with_preprocessing` says. Weights that record no
+    preprocessing and get no `preprocessing` get ImageNet's, with a warning on stderr."""
     net, variables, meta = convert.load_model(checkpoint, model, model_options)
+    meta = with_preprocessing(meta, preprocessing, image_size)
     # Forward only: the grouped form runs as fast as any here and compiles fastest (ResNeXt-50
     # on CPU: 2 s, against 14 s for 'sliced', the training choice of form='auto').
     net, num_classes = net.clone(form='grouped'), net.num_classes
     batch = np.stack([load_image(path, meta) for path in images])
+    if not preprocessing and not all(meta.get(k) for k in RECORDED):
+        config = eval_config(meta)
+        size = preprocess.eval_size(config)
+        print(f'warning: {checkpoint} records no preprocessing, so images get ImageNet\'s '
+              f'(shorter side to {preprocess.eval_resize(config)}, centre {size}×{size} crop, '
+              f'ImageNet mean and std): pass --preprocessing {"|".join(PREPROCESSING)} if it '
+              'was trained otherwise', file=sys.stderr)
     probs = np.asarray(jax.nn.softmax(jax.jit(net.apply)(variables, batch)))
-    names = imagenet_class_names() if num_classes == 1000 else None
+    names = meta.get('class_names')
+    if not names or len(names) != num_classes:
+        names = imagenet_class_names() if num_classes == 1000 else None
     results = []
     for path, p in zip(images, probs):
         best = np.argsort(-p)[:top]
@@ -80,16 +122,24 @@ def predict(checkpoint, images, model=None, model_options=None, top=5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m resnext_jax.predict',
-                                     description=__doc__.split('\n\n')[0])
+    parser = cli.ArgumentParser(prog='python -m resnext_jax.predict',
+                                description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', metavar='IMAGE')
-    parser.add_argument('--checkpoint', required=True, help='a converted checkpoint or workdir')
+    parser.add_argument('--checkpoint', required=True,
+                        help='a converted checkpoint, a workdir or a weights file')
     parser.add_argument('--model', help="network name (default: the checkpoint's)")
-    parser.add_argument('--model-options', type=json.loads, metavar='JSON',
+    parser.add_argument('--model-options', type=convert.json_object, metavar='JSON',
                         help="other ResNeXt fields (default: the checkpoint's)")
+    parser.add_argument('--preprocessing', choices=PREPROCESSING,
+                        help="feed the images as this recipe's evaluation does (default: as "
+                        "the checkpoint records; ImageNet's if it records none)")
+    parser.add_argument('--image-size', type=cli.integer(1), metavar='N',
+                        help="side of the image fed to the model (default: the checkpoint's "
+                        "or the preprocessing's)")
     args = parser.parse_args(argv)
     try:
-        results = predict(args.checkpoint, args.images, args.model, args.model_options)
+        results = predict(args.checkpoint, args.images, args.model, args.model_options,
+                          preprocessing=args.preprocessing, image_size=args.image_size)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f'error: {e}'.splitlines()[0], file=sys.stderr)
         return 1

@@ -1,11 +1,12 @@
 """resnext_jax.convert, resnext_jax.predict and --config.init_from / eval_only.
 
 The torchvision networks in tests/fixtures (scripts/make_convert_fixtures.py) carry random
-weights and BN statistics and torchvision's logits, so all but two tests run without the
-optional extra (CI installs it): the .safetensors round trip, and the last test, which
-compares full-size networks with torchvision itself.
+weights and BN statistics and torchvision's logits, so the tests run without the optional
+extra (CI installs it) but for the .safetensors cases, which need the safetensors package, and
+the last test, which compares full-size networks with torchvision itself.
 """
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -141,7 +142,7 @@ def test_cli_writes_a_checkpoint_that_reads_back_identically(converted, tmp_path
 
     assert convert.main([str(ckpt), str(tmp_path / 'back.npz')]) == 0   # model from the meta
     with np.load(tmp_path / 'back.npz') as back:
-        assert sorted(back.files) == sorted(state_dict)
+        assert sorted(back.files) == sorted([*state_dict, convert.META_KEY])
         for key, value in state_dict.items():
             assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
 
@@ -187,7 +188,178 @@ def test_cli_bad_input_is_one_error_line(converted, tmp_path, capsys):
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
     assert run.returncode == 1 and run.stderr.strip().splitlines() == [
-        f'error: pass --model NAME: which network {weights} holds'], run.stderr
+        f'error: {weights} does not record its network: pass --model NAME'], run.stderr
+
+
+# ------------------------------------------------------------------------------ metadata, files
+
+NAMES = [f'digit {k}' for k in range(10)]
+
+
+@pytest.fixture(scope='module')
+def recorded(tmp_path_factory):
+    """(checkpoint, variables, meta): the tiny digits model with random weights, saved with the
+    metadata a training run records (8×8 digits: their mean and std, augment 'cifar'), class
+    names included."""
+    config, root = helpers.tiny_config(), tmp_path_factory.mktemp('recorded')
+    variables = random_variables(train.build_model(config, 10), seed=1)
+    variables['batch_stats'] = jax.tree_util.tree_map(lambda v: np.abs(v) + 0.5,
+                                                      variables['batch_stats'])
+    meta = json.loads(json.dumps(checkpoint.run_meta(config, 10, NAMES)))
+    checkpoint.save_variables(root / 'run', variables, meta)
+    return root / 'run', variables, meta
+
+
+def top(results):
+    """[(labels, probabilities)] of `predict.predict` results."""
+    return [([label for _, label in best], [p for p, _ in best]) for _, best in results]
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.safetensors'])
+def test_exported_weights_carry_the_model_classes_and_preprocessing(recorded, suffix, tmp_path,
+                                                                    capsys):
+    """workdir → weights file → checkpoint keeps what the workdir knew, and predict feeds the
+    file and the checkpoint as the workdir (before: only the arrays travelled, convert back
+    needed --model and --model-options, and predict fed digits weights ImageNet's 224 crop and
+    statistics without a word)."""
+    if suffix == '.safetensors':
+        pytest.importorskip('safetensors')
+    run, variables, meta = recorded
+    weights, back = str(tmp_path / f'w{suffix}'), str(tmp_path / 'back')
+    assert convert.main([str(run), weights]) == 0
+    assert convert.main([weights, back]) == 0   # no --model: the file records it
+    state, restored = checkpoint.load_checkpoint(back)
+    assert tree_equal(state, variables)
+    assert set(preprocess.EVAL_FIELDS) <= set(convert.FILE_META)
+    assert {k: restored.get(k) for k in convert.FILE_META} == {
+        k: meta.get(k) for k in convert.FILE_META}
+    assert (restored['model'], restored['class_names'], restored['image_size'],
+            restored['mean']) == ('resnext29_2x4d', NAMES, 8, [77.8] * 3)
+
+    image = write_png(tmp_path / 'x.png', 20, 30, 0)
+    expected = top(predict.predict(str(run), [image]))
+    assert expected[0][0][0] in NAMES
+    for source in (weights, back):
+        labels, probabilities = top(predict.predict(source, [image]))[0]
+        assert labels == expected[0][0]
+        np.testing.assert_allclose(probabilities, expected[0][1], rtol=1e-5)
+    assert capsys.readouterr().err == ''   # the preprocessing is recorded: no warning
+
+
+def test_predict_warns_when_no_preprocessing_is_recorded_and_takes_one(recorded, tmp_path,
+                                                                       capsys):
+    """A plain weights file (as torchvision writes) records no preprocessing: predict says so
+    in one line and uses ImageNet's; --preprocessing digits --image-size 8 feeds the weights as
+    they were trained."""
+    run, variables, meta = recorded
+    np.savez(tmp_path / 'plain.npz', **convert.flax_to_torch(variables))
+    ckpt, image = str(tmp_path / 'ckpt'), write_png(tmp_path / 'x.png', 20, 30, 0)
+    assert convert.main(['--model', meta['model'], '--model-options',
+                         json.dumps(meta['model_options']), str(tmp_path / 'plain.npz'),
+                         ckpt]) == 0
+    capsys.readouterr()
+    assert predict.main(['--checkpoint', ckpt, image]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f'warning: {ckpt} records no preprocessing') and err.count('\n') == 1
+    assert '--preprocessing imagenet|cifar10|cifar100|digits' in err
+
+    assert predict.main(['--checkpoint', ckpt, '--preprocessing', 'digits', '--image-size', '8',
+                         image]) == 0
+    assert capsys.readouterr().err == ''
+    np.testing.assert_array_equal(
+        predict.load_image(image, predict.with_preprocessing({}, 'digits', 8)),
+        predict.load_image(image, meta))
+    (labels, probabilities), = top(predict.predict(ckpt, [image], preprocessing='digits',
+                                                   image_size=8))
+    (names, expected), = top(predict.predict(str(run), [image]))
+    assert [NAMES[int(label)] for label in labels] == names
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5)
+
+
+def test_weights_files_get_the_mode_the_umask_gives(tmp_path):
+    """As any file: 0666 less the umask (before: .safetensors 0600 whatever the umask)."""
+    state_dict = {'fc.weight': np.ones((2, 3), np.float32)}
+    suffixes = ['.npz'] + [s for s, module in (('.safetensors', 'safetensors'), ('.pth', 'torch'))
+                           if importlib.util.find_spec(module)]
+    for suffix in suffixes:
+        for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+            path = tmp_path / f'{umask:o}{suffix}'
+            old = os.umask(umask)
+            try:
+                convert.write_state_dict(state_dict, str(path))
+            finally:
+                os.umask(old)
+            assert os.stat(path).st_mode & 0o777 == mode, (suffix, oct(umask))
+            assert np.array_equal(convert.read_state_dict(str(path))['fc.weight'],
+                                  state_dict['fc.weight'])
+
+
+def test_a_failed_write_leaves_the_file_that_was_there(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) is one line and leaves the previous file
+    whole and no temporary file (before: a truncated .npz at the destination)."""
+    path = tmp_path / 'w.npz'
+    convert.write_state_dict({'a': np.zeros(3)}, str(path))
+    before = path.read_bytes()
+    write_array = np.lib.format.write_array
+
+    def full_disk(fid, array, *args, **kwargs):
+        write_array(fid, array, *args, **kwargs)
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(np.lib.format, 'write_array', full_disk)
+    with pytest.raises(OSError, match=r'^cannot write .*w\.npz \(No space left on device\): '):
+        convert.write_state_dict({'a': np.ones(3), 'b': np.ones(3)}, str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ['w.npz']
+
+
+def test_safetensors_files_need_only_the_safetensors_package(recorded, tmp_path, monkeypatch,
+                                                             capsys):
+    pytest.importorskip('safetensors')
+    run, _, _ = recorded
+    weights = str(tmp_path / 'w.safetensors')
+    monkeypatch.setitem(sys.modules, 'torch', None)   # as if torch were not installed
+    assert convert.main([str(run), weights]) == 0
+    assert convert.main([weights, str(tmp_path / 'back')]) == 0
+    for module in ('safetensors', 'safetensors.numpy'):
+        monkeypatch.setitem(sys.modules, module, None)
+    capsys.readouterr()
+    for args in ([str(run), str(tmp_path / 'x.safetensors')], [weights, str(tmp_path / 'y')]):
+        assert convert.main(args) == 1
+        assert capsys.readouterr().err == ('error: .safetensors files need the safetensors '
+                                           'package: pip install safetensors\n')
+
+
+def test_bad_input_is_one_line_from_the_command_line(recorded, tmp_path):
+    """python -m resnext_jax.convert: exit 1 and one line `error: ...` on stderr, nothing
+    written (before: --num-classes -1 printed JAX internals, a non-.npz file numpy's advice to
+    unpickle it, an unwritable destination a traceback, a bad --model-options JSON argparse's
+    usage and exit status 2)."""
+    run, variables, meta = recorded
+    plain = tmp_path / 'plain.npz'
+    np.savez(plain, **convert.flax_to_torch(variables))
+    (tmp_path / 'random.npz').write_bytes(np.random.default_rng(0).bytes(4096))
+    np.savez(tmp_path / 'objects.npz', a=np.array([{'x': 1}], dtype=object))
+    (tmp_path / 'notes.txt').write_text('hello')
+    model = ['--model', meta['model'], '--model-options', json.dumps(meta['model_options'])]
+    out = tmp_path / 'out'
+    cases = [
+        ([*model, '--num-classes', '-1', plain, out], '--num-classes: -1 is not an integer ≥ 0; '),
+        ([*model, tmp_path / 'random.npz', out], 'random.npz is not an .npz file (not a zip '),
+        ([*model, tmp_path / 'objects.npz', out], 'objects.npz holds object arrays, which are '
+                                                  'never unpickled: '),
+        ([run, tmp_path / 'notes.txt' / 'w.npz'], 'w.npz (a file is in the way of its '
+                                                  'directory): choose '),
+        (['--model-options', '{"stage_sizes": [1, 1', plain, out], 'is not a JSON object: '),
+    ]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, '-m', 'resnext_jax.convert', *map(str, args)],
+                                cwd=REPO, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+        lines = result.stderr.splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: ') \
+            and message in lines[0] and 'allow_pickle' not in lines[0], (args, result.stderr)
+    assert sorted(os.listdir(tmp_path)) == ['notes.txt', 'objects.npz', 'plain.npz',
+                                            'random.npz']
 
 
 # ------------------------------------------------------------------------------ predict
@@ -224,7 +396,8 @@ def test_predict_prints_the_top_5_of_each_image(converted, tmp_path, capsys):
                                atol=0.006)
 
     assert predict.main(['--checkpoint', str(ckpt), str(tmp_path / 'nope.jpg')]) == 1
-    assert capsys.readouterr().err == f'error: {tmp_path / "nope.jpg"} does not exist\n'
+    assert capsys.readouterr().err == (
+        f'error: {tmp_path / "nope.jpg"} does not exist: pass image files (JPEG, PNG, GIF, BMP)\n')
 
 
 @pytest.fixture(scope='module')
