@@ -12,10 +12,12 @@ opt_state, step; `meta` = JSON, `run_meta`), written by training and by
 - a newest checkpoint that cannot be read (truncated or missing files) is reported in one line,
   moved aside to `<step>.unreadable` (never deleted) and the one before is used;
 - a checkpoint of another model, class count or global batch is refused, never overwritten;
-- one run at a time per local workdir (`WorkdirLock`).
+- one run at a time per local workdir (`WorkdirLock`);
+- a save that fails (a full disk) is one error naming its step, and leaves no write running.
 """
-import contextlib
+import asyncio
 import fcntl
+import logging as pylogging
 import os
 import signal
 import socket
@@ -29,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
 # What a checkpoint's state must agree on with the run that restores it.
 MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size')
@@ -62,6 +65,49 @@ def all_finite(tree):
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _run_sync_via_new_loop(coro):
+    """orbax-checkpoint 0.12.8's `asyncio_utils._run_sync_via_new_loop`, which runs each save and
+    restore coroutine in a new event loop, except that the loop is closed only after the tasks
+    left in it have ended. orbax closes it at once: when one read or write fails (ENOSPC, a
+    missing file), `asyncio.gather` raises while the others are still in TensorStore, and each
+    of those then completes on the closed loop ("RuntimeError: Event loop is closed" on stderr,
+    one per array, and "Task exception was never retrieved"). They are waited for, not
+    cancelled: a cancelled task's TensorStore operation still completes, and calls back into
+    the loop."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+if hasattr(orbax_asyncio, '_run_sync_via_new_loop'):   # an orbax without it is left alone
+    orbax_asyncio._run_sync_via_new_loop = _run_sync_via_new_loop
+
+
+class _OrbaxErrorsInOneLine(pylogging.Filter):
+    """orbax logs a failed save with its stack in each thread it passes through (five records for
+    a full disk) before `Checkpoints` reports it as one error: while a `Checkpoints` is open,
+    those records keep one line each, ending in the error's first line (`--verbosity=1`: with
+    their stacks)."""
+    ORBAX = os.path.dirname(ocp.__file__) + os.sep
+
+    def filter(self, record):
+        if (record.exc_info and record.exc_info[1] is not None and logging.get_verbosity() < 1
+                and record.pathname.startswith(self.ORBAX)):
+            message, error = record.getMessage(), _first_line(record.exc_info[1])
+            record.msg = message if error.split(': ', 1)[-1] in message else f'{message} ({error})'
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def _manager(directory, keep=None, async_save=False, create=False):
     return ocp.CheckpointManager(
         directory, item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -78,6 +124,9 @@ class Checkpoints:
         self._manager = _manager(self.directory, keep, async_save, create=True)
         self.newest_finite = None   # the newest step known to be saved (all saved are finite)
         self.restored_meta = None   # the metadata of the checkpoint `restore` returned
+        self._saving = None         # the step of the save started last, until `wait`
+        self._one_line = _OrbaxErrorsInOneLine()
+        logging.get_absl_logger().addFilter(self._one_line)
 
     def restore(self, abstract, shardings, meta):
         """(state, step) of the newest readable checkpoint, placed with `shardings`, or
@@ -128,19 +177,24 @@ class Checkpoints:
 
     def save(self, step, state, meta):
         """Saves `state` as `step` if it is finite; else raises FloatingPointError (one line,
-        naming the newest finite checkpoint). Asynchronous unless the run said otherwise."""
+        naming the newest finite checkpoint). Asynchronous unless the run said otherwise: a save
+        that fails in the background is reported (OSError, one line, naming its step) by the
+        next `save`, `wait` or `diverged`."""
         if not bool(all_finite(state)):
             raise self.diverged(step, 'the training state')
+        self.wait()
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 meta=ocp.args.JsonSave({**meta, 'step': int(step)})), force=True)
         except Exception as e:
             raise _save_error(step, self.directory, e) from None
-        self.newest_finite = step
+        self._saving = step
 
     def diverged(self, step, what):
-        """The one-line error for a run whose `what` became non-finite at `step`."""
+        """The one-line error for a run whose `what` became non-finite at `step` (an OSError
+        is raised instead if the save in progress failed)."""
+        self.wait()   # the save in progress, if any, is the newest finite checkpoint
         if self.newest_finite is None:
             where = (f'no checkpoint was saved in {self.directory}; lower '
                      '--config.learning_rate and start again')
@@ -152,14 +206,25 @@ class Checkpoints:
                                   f'is not saved: {where}')
 
     def wait(self):
-        """Blocks until every started save is on disk."""
+        """Blocks until the started save is on disk; OSError (one line) if it failed."""
+        step, self._saving = self._saving, None
+        if step is None:
+            return
         try:
             self._manager.wait_until_finished()
         except Exception as e:
-            raise _save_error('in progress', self.directory, e) from None
+            raise _save_error(step, self.directory, e) from None
+        self.newest_finite = step
 
     def close(self):
-        with contextlib.suppress(Exception):   # an error here was already reported by wait()
+        """Waits for the started save and closes the manager. Call `wait` first to hear of a
+        failed save: here, on the way out of a run that another error ended, it is logged."""
+        try:
+            self.wait()   # first: at a failed save it has not raised, orbax's close raises
+        except OSError as e:
+            logging.error('%s', e)
+        finally:
+            logging.get_absl_logger().removeFilter(self._one_line)
             self._manager.close()
 
 

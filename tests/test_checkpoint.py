@@ -2,9 +2,11 @@
 are passed over, mismatched ones refused, one run per workdir. Every test ends by checking
 that what was restorable before still is, and is finite."""
 import errno
+import gc
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -13,10 +15,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src.path import async_path
 
 from resnext_jax import checkpoint, train
 from helpers import (assert_trees_close, read_metrics, start_cli, tiny_config,
                      tiny_config_file)
+
+# Leaks (unclosed pipes and files) and errors in orbax's background threads and event loops fail
+# the test that has them, instead of passing with a warning.
+pytestmark = pytest.mark.filterwarnings('error::ResourceWarning', 'error::RuntimeWarning',
+                                        'error::pytest.PytestUnraisableExceptionWarning',
+                                        'error::pytest.PytestUnhandledThreadExceptionWarning')
 
 
 def steps_in(workdir):
@@ -51,7 +60,7 @@ def test_a_diverged_state_is_never_saved(tmp_path):
                                                  '--config.learning_rate and start again'):
         train.train_and_evaluate(tiny_config(learning_rate=1e30, log_every_steps=100),
                                  tmp_path / 'fresh')
-    assert steps_in(tmp_path / 'fresh') == []
+    assert not (tmp_path / 'fresh').exists()   # nothing saved: the failed start left nothing
 
 
 # ------------------------------------------------------------------------------ damaged checkpoints
@@ -157,6 +166,63 @@ def test_a_failed_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path, mon
     assert_restorable_and_finite(tmp_path, [2])
 
 
+def disk_full_at(step):
+    """A replacement for orbax's `async_path.write_text` under which the files it writes into the
+    checkpoint of `step` fail with ENOSPC, as on a full disk: the save fails in orbax's
+    background thread, while TensorStore's writes of the same save are in flight."""
+    write_text = async_path.write_text
+
+    async def full(path, text):
+        if f'/{step}.orbax-checkpoint-tmp/' in os.fspath(path):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return await write_text(path, text)
+    return full
+
+
+FULL_DISK_ERROR = (r'could not write the checkpoint of step 4 to .*checkpoints \(OSError: '
+                   r'\[Errno 28\] No space left on device\); the older checkpoints there are '
+                   r'intact: fix the cause \(e.g. free disk space\) and re-run to resume')
+
+
+def test_a_disk_that_fills_in_a_background_save_is_one_error_and_nothing_left_running(
+        tmp_path, monkeypatch, capfd, caplog):
+    """The error names the step whose save failed, and orbax's event loops end only after the
+    save's other writes: none is left to fail later on a closed loop."""
+    monkeypatch.setattr(async_path, 'write_text', disk_full_at(4))
+    with pytest.raises(OSError, match=f'^{FULL_DISK_ERROR}$'):
+        train.train_and_evaluate(tiny_config(num_train_steps=6), tmp_path)
+    time.sleep(1)   # for any write still in flight to end
+    gc.collect()    # a task whose exception nobody retrieved is reported when it is collected
+    stderr = capfd.readouterr().err
+    assert 'Event loop is closed' not in stderr and 'Traceback' not in stderr, stderr[-3000:]
+    for text in ('Event loop is closed', 'never retrieved', 'destroyed but it is pending'):
+        assert text not in caplog.text
+    assert steps_in(tmp_path) == [2]
+
+    monkeypatch.undo()   # space again: the run resumes from step 2
+    train.train_and_evaluate(tiny_config(num_train_steps=6), tmp_path)
+    assert steps_in(tmp_path) == [4, 6]
+    assert_restorable_and_finite(tmp_path, [4, 6])
+
+
+def test_cli_a_disk_that_fills_ends_in_the_one_error_line_without_tracebacks(tmp_path):
+    config_file = tmp_path / 'full_disk.py'
+    config_file.write_text(
+        f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
+        'from orbax.checkpoint._src.path import async_path\n'
+        'from helpers import tiny_config\n'
+        'from test_checkpoint import disk_full_at\n'
+        'async_path.write_text = disk_full_at(4)\n'
+        'def get_config():\n    return tiny_config(num_train_steps=6)\n')
+    proc = start_cli(tmp_path / 'run', f'--config={config_file}')
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert 'Traceback' not in stderr and 'Event loop is closed' not in stderr, stderr[-3000:]
+    assert re.fullmatch(f'error: {FULL_DISK_ERROR}', stderr.strip().splitlines()[-1])
+    assert steps_in(tmp_path / 'run') == [2]
+    assert_restorable_and_finite(tmp_path / 'run', [2])
+
+
 # ------------------------------------------------------------------------------ preemption
 
 def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -164,7 +230,8 @@ def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(
         tmp_path, 'num_train_steps=16, checkpoint_every_steps=100, eval_every_epochs=8 / 89')
     args = [f'--config={config_file}']
     uninterrupted = start_cli(tmp_path / 'full', *args)
-    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-2000:]
+    _, stderr = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, stderr[-2000:]
 
     signal_after = random.Random().randint(3, 12)
     proc = start_cli(tmp_path / 'run', *args)
@@ -186,7 +253,8 @@ def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(
     assert_restorable_and_finite(tmp_path / 'run', [saved])
 
     resumed = start_cli(tmp_path / 'run', *args)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-2000:]
     for split in ('train', 'eval'):
         assert read_metrics(tmp_path / 'run', split) == read_metrics(tmp_path / 'full', split)
     assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'run')[0],
