@@ -13,48 +13,21 @@ again), 69 another process of a multi-process run died (restart all of them; the
 import importlib.util
 import logging as pylogging
 import os
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from resnext_jax import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def flag_error(e):
-    """A bad flag as one `error:` line: absl's and ml_collections' errors (a typo'd
-    --config.FIELD, a value of the wrong type, a config file that is missing or raises) carry
-    multi-line messages, some with a traceback inside."""
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    text = ' '.join(lines)
-    message = str(e).encode().decode('unicode_escape')   # a ConfigDict KeyError's text, quoted
-    no_field = re.fullmatch(r"[\"']+([\w.]+)'+(\nDid you mean .*)?[\"']*", message, re.S)
-    if isinstance(e, (AttributeError, KeyError)) and no_field:   # a typo'd --config.FIELD
-        field = no_field.group(1)
-        flag = next((a.split('=')[0].lstrip('-') for a in sys.argv if re.fullmatch(
-            rf'--?(no)?config\.([\w.]+\.)?{re.escape(field)}(=.*)?', a)), f'config.{field}')
-        close = re.search(r'Did you mean "(\w+)"', message)
-        hint = (f'did you mean --{flag[:-len(field)]}{close.group(1)}?' if close else
-                'configs/default.py declares every field')
-        return f'error: --{flag}: the config has no such field; {hint}'
-    if 'Traceback (most recent call last):' in lines:   # the config file's get_config raised
-        flag = lines[0].split(': Error whilst parsing')[0]
-        return f'error: {flag}: {re.sub(r"^[A-Za-z_.]+: ", "", lines[-1])}'
-    if isinstance(e, OSError):   # ml_collections could not load the config file
-        errno = re.search(r'\[Errno \d+\] (.*)$', text)
-        return (f'error: cannot load the --config file ({errno.group(1) if errno else text}); '
-                'pass --config=configs/NAME.py')
-    return f'error: {text.rstrip(".")}; python train.py --helpfull describes every flag'
-
-
-FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError)
+HINT = 'python train.py --helpfull describes every flag'
 try:   # with no --config on the command line, the default recipe and its overrides load now
     config_flags.DEFINE_config_file(
         'config', os.path.join(HERE, 'configs', 'quickstart.py'),
         'Training recipe (a configs/ file).')
-except FLAG_ERRORS as e:
-    sys.exit(flag_error(e))
+except Exception as e:   # noqa: BLE001 (a config file may raise anything)
+    sys.exit(cli.flag_error(e, sys.argv, HINT))
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard files.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
@@ -77,22 +50,16 @@ class _OwnInfoOnly(pylogging.Filter):
 
 
 def parse_flags(argv):
-    """absl's flag parsing with each bad flag as one `error:` line (see `flag_error`)."""
-    try:
-        argv = FLAGS(argv)
-        FLAGS.config.keys()   # a config file that failed to load raises only when used
-    except FLAG_ERRORS as e:
-        sys.exit(flag_error(e))
-    if len(argv) > 1:
-        sys.exit(f'error: unexpected arguments {" ".join(argv[1:])!r}: flags are written '
-                 '--name=value, config fields --config.FIELD=value')
-    return argv
+    """absl's flag parsing with each bad flag one `error:` line (`resnext_jax.cli`)."""
+    return cli.parse_flags(argv, HINT, info=True)
 
 
 def main(argv):
     del argv   # parse_flags refused positional arguments
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    # The imports below take seconds, a minute on a first run after installing (Python
+    # compiles JAX's, Flax's and TensorFlow's files): say so before them.
+    logging.info('starting: loading JAX, Flax and TensorFlow')
     from resnext_jax import parallel
     if parallel.multi_process(FLAGS.coordinator_address) and not parallel.is_worker():
         # The run itself goes in a child, so that a dead peer ends it with one line.
@@ -100,11 +67,11 @@ def main(argv):
     from resnext_jax import checkpoint, train, validate  # after flags: JAX starts now
     try:
         validate.check_config(FLAGS.config)
-        validate.check_workdir(FLAGS.workdir)
-        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                            FLAGS.peer_timeout_s)
-        logging.info('config:\n%s', FLAGS.config)
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        with train.tidy_failed_start(FLAGS.workdir):
+            validate.check_workdir(FLAGS.workdir)
+            parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                FLAGS.process_id, FLAGS.peer_timeout_s)
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except checkpoint.Preempted as e:  # saved: the scheduler may restart the same command
         print(e, file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)

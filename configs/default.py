@@ -18,6 +18,8 @@ def get_config():
     c.dtype = 'float32'            # compute dtype; 'bfloat16' keeps float32 parameters
     c.zero_init_last_bn = False
     c.bn_group_size = 0            # 0: BN statistics over the global batch; N: per N images
+    c.drop_path_rate = 0.0         # stochastic depth, last block's rate (linear from 0; timm's)
+    c.dropout = 0.0                # dropout on the pooled features before the classifier
     c.init_from = ''               # weights to start from: a convert.py checkpoint or a workdir
 
     # Data (resnext_jax.data): 'digits', a TFDS name, or 'folder:/path/to/root'.
@@ -41,6 +43,7 @@ def get_config():
     c.skip_corrupt_images = False  # unreadable images: False stops the run, True skips them
 
     # Optimisation.
+    c.optimizer = 'sgd'            # 'sgd' (momentum, L2 in the gradient), 'adamw' or 'lamb'
     c.batch_size = 256             # global, over all devices of all processes
     c.learning_rate = 0.1          # for lr_base_batch_size images; scaled linearly with batch
     c.lr_base_batch_size = 256
@@ -52,7 +55,9 @@ def get_config():
     c.lr_boundaries_epochs = (30, 60)
     c.lr_decay_factor = 0.1
     c.warmup_epochs = 0.0
+    c.loss = 'ce'                  # 'ce' softmax cross-entropy, 'bce' per-class sigmoid BCE
     c.label_smoothing = 0.0
+    c.bce_target_thresh = config_dict.placeholder(float)  # 'bce': targets > this → 1, else 0
     c.num_epochs = 90.0
     c.num_train_steps = -1         # > 0 overrides num_epochs
 

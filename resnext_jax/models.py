@@ -11,6 +11,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -107,8 +108,26 @@ def max_pool_3x3_s2(x):
                                           for i in range(3) for j in range(3)])
 
 
+def drop_path(x, rate, rng):
+    """Stochastic depth (Huang et al. 2016) as timm's `drop_path`: each image's `x` is zeroed
+    with probability `rate` and otherwise scaled by 1 / (1 - rate), which keeps the
+    expectation. One draw per image over the global batch axis: jax's threefry is
+    partitionable (the default in jax 0.10), so the mask does not depend on the sharding."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def drop_path_rates(rate, num_blocks):
+    """timm's linear rule (`make_blocks` in timm/models/resnet.py): block i of N gets
+    rate · i / (N - 1), the first block 0 and the last `rate`; a single block gets 0."""
+    return tuple(rate * i / max(num_blocks - 1, 1) for i in range(num_blocks))
+
+
 class Bottleneck(nn.Module):
-    """y = relu(shortcut(x) + Σ τ_i(x)); projection shortcut when the shape changes."""
+    """y = relu(shortcut(x) + Σ τ_i(x)); projection shortcut when the shape changes.
+
+    `drop_path` > 0 and `train`: the branch Σ τ_i(x) goes through `drop_path` (rng stream
+    'dropout'), where timm applies it, after the last batch norm and before the addition."""
     cardinality: int
     width: int
     features: int
@@ -118,6 +137,8 @@ class Bottleneck(nn.Module):
     zero_init_last: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    drop_path: float = 0.0
+    train: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -129,19 +150,25 @@ class Bottleneck(nn.Module):
         y = AggregatedTransform(
             self.cardinality, self.width, self.features, self.strides, self.form, self.norm,
             self.zero_init_last, self.dtype, self.param_dtype, name='aggregated')(x)
+        if self.drop_path and self.train:
+            y = drop_path(y, self.drop_path, self.make_rng('dropout'))
         return nn.relu(shortcut + y)
 
 
 class Stage(nn.Module):
-    """`num_blocks` blocks of one width; the first one may stride and project."""
+    """`num_blocks` blocks of one width; the first one may stride and project. Block b gets
+    the drop-path rate `drop_path_rates[b]` (none: 0)."""
     num_blocks: int
     strides: int
     block: Callable[..., nn.Module]
+    drop_path_rates: Sequence[float] = ()
 
     @nn.compact
     def __call__(self, x):
         for b in range(self.num_blocks):
-            x = self.block(strides=self.strides if b == 0 else 1, name=f'block{b + 1}')(x)
+            rate = self.drop_path_rates[b] if self.drop_path_rates else 0.0
+            x = self.block(strides=self.strides if b == 0 else 1, drop_path=rate,
+                           name=f'block{b + 1}')(x)
         return x
 
 
@@ -152,6 +179,12 @@ class ResNeXt(nn.Module):
     `return_features=True` returns the stage outputs {'C2', 'C3', …} (strides 4, 8, 16, 32 on
     ImageNet) instead of logits, for detection and segmentation backbones; `num_classes=0`
     returns the globally pooled features.
+
+    Training regularisers (timm's `drop_path_rate` and `drop_rate`), active only with
+    `train=True` and then drawing from the rng stream 'dropout' (`rngs={'dropout': key}`):
+    `drop_path_rate` is stochastic depth on every block's branch, the rate linear in the
+    block's depth (`drop_path_rates`); `dropout` is dropout on the pooled features before the
+    classifier. At 0, their default, the network is as without them.
     """
     stage_sizes: Sequence[int]
     cardinality: int = 1
@@ -165,6 +198,8 @@ class ResNeXt(nn.Module):
     bn_momentum: float = BN_MOMENTUM
     bn_epsilon: float = BN_EPSILON
     bn_group_size: int | None = None  # training BN statistics per group of images, not batch
+    drop_path_rate: float = 0.0
+    dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -182,19 +217,24 @@ class ResNeXt(nn.Module):
             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Stem(self.stem, self.stem_width, norm, self.dtype, self.param_dtype, name='stem')(x)
         features = {}
+        rates = drop_path_rates(self.drop_path_rate, sum(self.stage_sizes))
         for s, num_blocks in enumerate(self.stage_sizes):
             block = functools.partial(
                 Bottleneck, cardinality=self.cardinality,
                 width=self.cardinality * self.bottleneck_width * 2**s,
                 features=self.base_features * 2**s, form=self.form, norm=norm,
                 zero_init_last=self.zero_init_last_bn, dtype=self.dtype,
-                param_dtype=self.param_dtype)
-            x = Stage(num_blocks, 1 if s == 0 else 2, block, name=f'stage{s + 1}')(x)
+                param_dtype=self.param_dtype, train=train)
+            first = sum(self.stage_sizes[:s])
+            x = Stage(num_blocks, 1 if s == 0 else 2, block, rates[first:first + num_blocks],
+                      name=f'stage{s + 1}')(x)
             features[f'C{s + 2}'] = x
         if return_features:
             return features
         x = jnp.mean(x, axis=(1, 2))
         if self.num_classes:
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
             x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                          name='head')(x)
         return x.astype(jnp.float32)
@@ -228,8 +268,9 @@ def model_spec(name):
     depth = int(m.group(2)) if m else None
     if not m or depth not in {**IMAGENET_STAGES, **CIFAR_STAGES}:
         raise ValueError(
-            f'unknown model {name!r}; use one of list_models() or resnext<depth>_<C>x<d>d '
-            f'with depth in {sorted(IMAGENET_STAGES)} (ImageNet) or {sorted(CIFAR_STAGES)} (CIFAR)')
+            f'unknown model {name!r}; use one of list_models() (python -m resnext_jax.summary '
+            '--list prints them) or resnext<depth>_<C>x<d>d with depth in '
+            f'{sorted(IMAGENET_STAGES)} (ImageNet) or {sorted(CIFAR_STAGES)} (CIFAR)')
     family, c, d = m.group(1), m.group(3), m.group(4)
     cardinality, width = (int(c), int(d)) if c else (1, 64)
     if family == 'resnext' and not c:

@@ -4,7 +4,10 @@ config → model + sharded state → per-process input → global batch → jitt
 checkpoints. `train_and_evaluate(config, workdir)` is the whole run; it resumes from the newest
 complete checkpoint in `workdir`, including the input position.
 """
+import contextlib
 import functools
+import os
+import shutil
 import time
 from typing import Any
 
@@ -36,6 +39,7 @@ def build_model(config, num_classes):
     return create_model(
         config.model, num_classes=num_classes, form=config.form, dtype=config.dtype,
         zero_init_last_bn=config.zero_init_last_bn, bn_group_size=config.bn_group_size or None,
+        drop_path_rate=config.drop_path_rate, dropout=config.dropout,
         **dict(config.model_options))
 
 
@@ -57,9 +61,29 @@ def learning_rate_schedule(config, steps_per_epoch, num_steps):
 
 
 def create_optimizer(config, schedule):
-    """SGD with momentum and L2 weight decay added to the gradient, as PyTorch's SGD does."""
+    """`config.optimizer` following `schedule`, BN scales and biases left out of the weight
+    decay unless `decay_bn_and_bias`:
+
+    'sgd' (default): SGD with momentum and L2 weight decay added to the gradient, as PyTorch's
+        SGD does.
+    'adamw': `optax.adamw` (Loshchilov & Hutter): Adam, β = (0.9, 0.999), ε = 1e-8 (PyTorch's
+        and timm's defaults), and the decoupled decay `weight_decay` · learning rate · w.
+    'lamb': `optax.lamb` (You et al.): Adam's step, β = (0.9, 0.999), ε = 1e-6 (timm's Lamb
+        defaults), plus `weight_decay` · w, scaled per parameter array by the trust ratio
+        ‖w‖ / ‖step‖. Unlike timm's Lamb: no clipping of the global gradient norm (timm: 1.0),
+        and the trust ratio also scales the arrays left out of the decay.
+    `momentum` and `nesterov` are SGD's only.
+    """
     mask = None if config.decay_bn_and_bias else (
         lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params))
+    optimizer = config.get('optimizer', 'sgd')
+    if optimizer == 'adamw':
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
+    if optimizer == 'lamb':
+        return optax.lamb(schedule, weight_decay=config.weight_decay, mask=mask)
+    if optimizer != 'sgd':
+        raise ValueError(f'unknown optimizer {optimizer!r}; use one of '
+                         f'{", ".join(validate.OPTIMIZERS)}')
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask),
         optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
@@ -74,6 +98,28 @@ def cross_entropy(logits, labels, smoothing=0.0):
     if smoothing:
         targets = optax.smooth_labels(targets, smoothing)
     return optax.softmax_cross_entropy(logits, targets)
+
+
+def binary_cross_entropy(logits, labels, smoothing=0.0, target_thresh=None):
+    """Per-example mean over classes of the binary cross-entropy of sigmoid(logits), as timm's
+    `BinaryCrossEntropy` ("ResNet strikes back"): one-hot targets smoothed to 1 - s + s/K and
+    s/K (K classes), then, with `target_thresh`, 1 where above it and 0 elsewhere."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    if target_thresh is not None:
+        targets = (targets > target_thresh).astype(targets.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)
+
+
+def training_loss(logits, labels, loss='ce', smoothing=0.0, target_thresh=None):
+    """Per-example training loss: 'ce' `cross_entropy`, 'bce' `binary_cross_entropy`
+    (`target_thresh`: BCE's only). Evaluation reports `cross_entropy` either way, as timm's."""
+    if loss == 'bce':
+        return binary_cross_entropy(logits, labels, smoothing, target_thresh)
+    if loss != 'ce':
+        raise ValueError(f'unknown loss {loss!r}; use one of {", ".join(validate.LOSSES)}')
+    return cross_entropy(logits, labels, smoothing)
 
 
 def normalise(images, mean, std):
@@ -92,26 +138,30 @@ def _gathered(params, gather):
     return params if gather is None else jax.lax.with_sharding_constraint(params, gather)
 
 
-def train_step(state, batch, *, model, tx, label_smoothing=0.0, gather=None, mean=None,
-               std=None):
-    """One SGD step on `batch`: uint8 images normalised with `mean`, `std` (float images as
-    they are when `mean` is None)."""
+def train_step(state, batch, *, model, tx, loss='ce', label_smoothing=0.0,
+               bce_target_thresh=None, seed=0, gather=None, mean=None, std=None):
+    """One optimizer step on `batch`: uint8 images normalised with `mean`, `std` (float images
+    as they are when `mean` is None), `loss` 'ce' or 'bce' (`training_loss`). The model's
+    'dropout' rng (drop path, dropout) is a function of (`seed`, step), so a resumed run draws
+    what it would have."""
     images = normalise(batch['image'], mean, std)
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def loss_fn(params):
         logits, updates = model.apply(
             {'params': _gathered(params, gather), 'batch_stats': state.batch_stats},
-            images, train=True, mutable=['batch_stats'])
-        loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
-        return loss, (logits, updates['batch_stats'])
+            images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+        loss_value = training_loss(logits, batch['label'], loss, label_smoothing,
+                                   bce_target_thresh).mean()
+        return loss_value, (logits, updates['batch_stats'])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss_value, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state)
     top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-    return state, {'loss': loss, 'top1': top1}
+    return state, {'loss': loss_value, 'top1': top1}
 
 
 def eval_step(state, batch, *, model, gather=None, mean=None, std=None):
@@ -172,7 +222,9 @@ def make_steps(config, model, tx, mesh, shardings):
     gather = repl if config.fsdp else None
     mean, std = preprocess.normalisation(config)   # the pipeline sends unnormalised pixels
     p_train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, label_smoothing=config.label_smoothing,
+        functools.partial(train_step, model=model, tx=tx, loss=config.loss,
+                          label_smoothing=config.label_smoothing,
+                          bce_target_thresh=config.bce_target_thresh, seed=config.seed,
                           gather=gather, mean=mean, std=std),
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
     p_eval = jax.jit(functools.partial(eval_step, model=model, gather=gather, mean=mean, std=std),
@@ -217,6 +269,75 @@ class Profile:
             self.tracing = False
 
 
+def _holds_results(workdir):
+    """Whether a workdir holds what a run produced: a checkpoint or a metrics record."""
+    steps = workdir / 'checkpoints'
+    metrics = workdir / 'metrics.jsonl'
+    return ((steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir()))
+            or (metrics.exists() and bool(metrics.read_text().strip())))
+
+
+@contextlib.contextmanager
+def tidy_failed_start(workdir):
+    """A start that fails before it has saved a checkpoint or a metric (a missing dataset, a
+    mismatched checkpoint, an interrupted compile) removes what it created in `workdir`
+    (`run.lock`, `checkpoints/`, `config.json`, the workdir itself), so that the workdir is as
+    it was. Process 0, local workdirs; what was there before is never touched."""
+    workdir = epath.Path(workdir)
+    local = '://' not in os.fspath(workdir)
+    before = set(os.listdir(workdir)) if local and workdir.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if local:
+            _tidy(workdir, before)
+        raise
+
+
+def _tidy(workdir, before):
+    """`tidy_failed_start`'s removal; it never hides the error that ended the start."""
+    try:
+        # Asked only now: before `parallel.initialize`, JAX must not start a backend.
+        if not workdir.is_dir() or jax.process_index() != 0 or _holds_results(workdir):
+            return
+        for name in set(os.listdir(workdir)) - (before or set()):
+            path = workdir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if before is None and not os.listdir(workdir):
+            workdir.rmdir()
+    except Exception as e:   # noqa: BLE001 (e.g. another process removed a file first)
+        logging.warning('could not remove what the failed start created in %s: %s', workdir, e)
+
+
+class Clock:
+    """Training speed and time left, read from the steps' finished work, not their dispatch.
+
+    Made just before the first step, which is timed alone (it compiles) and left out.
+    `lap(step, num_steps)`, called once the interval's results are on the host, gives (steps/s
+    over the wall time since the last lap, evaluation and saving included, as the log's
+    timestamps give it; None if the interval held only the first step) and the seconds left at
+    the run's pace since the first step (None at the first step)."""
+
+    def __init__(self):
+        self.began = time.perf_counter()
+        self.first = self.last = self.start = self.t0 = None
+
+    def first_step(self, step, metrics):
+        jax.block_until_ready(metrics)
+        self.start = self.t0 = time.perf_counter()
+        self.first = self.last = step
+        logging.info('step %d: compiled and ran in %.1f s', step, self.start - self.began)
+
+    def lap(self, step, num_steps):
+        now = time.perf_counter()
+        steps, self.last = step - self.last, step
+        speed = steps / (now - self.t0) if steps else None
+        self.t0 = now
+        done = step - self.first
+        eta = (num_steps - step) * (now - self.start) / done if done else None
+        return speed, eta
+
+
 def train_and_evaluate(config, workdir, source=None):
     """Trains `config` in `workdir` (local or gs://), resuming if it holds a checkpoint.
 
@@ -225,10 +346,11 @@ def train_and_evaluate(config, workdir, source=None):
     """
     validate.check_config(config)
     mesh, workdir = parallel.make_mesh(), epath.Path(workdir)
-    validate.check_workdir(workdir)   # creates it; one line if it cannot be written
-    # The steps trace with the mesh in context (`make_steps`); one run at a time per workdir.
-    with jax.set_mesh(mesh), checkpoint.WorkdirLock(workdir):
-        return _run(config, workdir, source, mesh)
+    with tidy_failed_start(workdir):
+        validate.check_workdir(workdir)   # creates it; one line if it cannot be written
+        # The steps trace with the mesh in context (`make_steps`); one run at a time per workdir.
+        with jax.set_mesh(mesh), checkpoint.WorkdirLock(workdir):
+            return _run(config, workdir, source, mesh)
 
 
 def _run(config, workdir, source, mesh):
@@ -279,9 +401,12 @@ def _run(config, workdir, source, mesh):
     if config.eval_only and weights:   # fed images as the weights were trained
         config = preprocess.as_trained(config, weights[1], weights[0])
     params_count = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))
-    logging.info('%s: %s parameters, %d devices in %d processes, %d steps of %d images',
-                 config.model, f'{params_count:,}', jax.device_count(), process_count,
-                 num_steps, config.batch_size)
+    devices = jax.devices()
+    logging.info('%s (%s parameters) on %s: %d %s device%s in %d process%s; %d steps of %d '
+                 'images (%.1f epochs); the full config is in %s', config.model,
+                 f'{params_count:,}', config.dataset, len(devices), devices[0].device_kind,
+                 's' * (len(devices) > 1), process_count, 'es' * (process_count > 1), num_steps,
+                 config.batch_size, num_steps / steps_per_epoch, workdir / 'config.json')
 
     # ---------------------------------------------------------------- compiled steps
     p_train, p_eval = make_steps(config, model, tx, mesh, shardings)
@@ -290,45 +415,53 @@ def _run(config, workdir, source, mesh):
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
 
     def run_eval(step):
+        t = time.perf_counter()
         result = evaluate(p_eval, state, config, local_batch, mesh, source)
         writer.write(step, 'eval', **result, epoch=step / steps_per_epoch,
                      num_steps=num_steps)
-        logging.info('eval at step %d: loss %.4f, top-1 %.2f%%, top-5 %.2f%% (%d examples)',
-                     step, result['loss'], 100 * result['top1'], 100 * result['top5'],
-                     result['num_examples'])
+        logging.info('eval at step %d: loss %.4f, top-1 %.2f%%, top-5 %.2f%% (%d examples, '
+                     '%.1f s)', step, result['loss'], 100 * result['top1'],
+                     100 * result['top5'], result['num_examples'], time.perf_counter() - t)
         return result
 
-    def log_train(step, pending, seconds):
-        values = jax.device_get(pending)
+    def log_train(step, pending):
+        values = jax.device_get(pending)   # waits for the steps: the clock reads their work
         losses = [float(v['loss']) for v in values]
         if not np.all(np.isfinite(losses)):
             raise checkpoints.diverged(step, 'the training loss')
-        speed = len(values) * config.batch_size / seconds
+        speed, eta = clock.lap(step, num_steps)
+        # Logged first: the line's timestamp is the lap's (TensorBoard's first write is slow).
+        logging.info('step %d/%d  loss %.4f  %s  ETA %s', step, num_steps, np.mean(losses),
+                     f'{speed * config.batch_size:.1f} img/s' if speed else '(first step)',
+                     time.strftime('%H:%M:%S', time.gmtime(eta)) if eta is not None else '…')
         writer.write(step, 'train', loss=float(np.mean(losses)),
                      top1=float(np.mean([v['top1'] for v in values])),
-                     learning_rate=float(schedule(step - 1)), images_per_sec=speed,
+                     learning_rate=float(schedule(step - 1)),
+                     **({'images_per_sec': speed * config.batch_size} if speed else {}),
                      epoch=step / steps_per_epoch)
-        eta = (num_steps - step) * seconds / len(values)
-        logging.info('step %d/%d  loss %.4f  %.1f img/s  ETA %s', step, num_steps,
-                     np.mean(losses), speed, time.strftime('%H:%M:%S', time.gmtime(eta)))
 
     # ---------------------------------------------------------------- loop
     batches = data.train_batches(config, local_batch, start_step=start,
                                  process_index=process_index, process_count=process_count,
                                  source=source)
-    pending, t0, t_start, result = [], time.perf_counter(), time.perf_counter(), None
+    pending, t_start, result = [], time.perf_counter(), None
     last = start if config.eval_only else num_steps
     profile = Profile(config.profile_steps, workdir / 'tensorboard', process_index == 0)
+    clock = Clock()
     try:
         with checkpoint.PreemptionWatch() as preemption, profile:
             for step in range(start + 1, last + 1):
                 profile.step(step, state)
+                if step == start + 1:
+                    logging.info('compiling the training step')
                 state, step_metrics = p_train(state, parallel.global_batch(next(batches), mesh))
                 pending.append(step_metrics)
+                if step == start + 1:   # the compile: timed alone, left out of the img/s
+                    clock.first_step(step, step_metrics)
                 preempted = preemption.reached(step)
                 if step % config.log_every_steps == 0 or step == num_steps or preempted:
-                    log_train(step, pending, time.perf_counter() - t0)
-                    pending, t0 = [], time.perf_counter()
+                    log_train(step, pending)
+                    pending = []
                 if step % eval_every == 0 or step == num_steps:
                     # Before a preemption's save too: the resumed run starts after this step.
                     result = run_eval(step)

@@ -19,6 +19,8 @@ from resnext_jax.models import STEMS, model_spec
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('step', 'cosine')
+OPTIMIZERS = ('sgd', 'adamw', 'lamb')   # train.create_optimizer
+LOSSES = ('ce', 'bce')                  # train.training_loss
 
 
 # ---- rules: (test, what is allowed) ----
@@ -96,6 +98,8 @@ FIELDS = {
     'dtype': one_of(*DTYPES),
     'zero_init_last_bn': boolean(),
     'bn_group_size': integer(0),                # and divides batch_size
+    'drop_path_rate': number(0, 1, below=True),
+    'dropout': number(0, 1, below=True),
     'init_from': string(),                      # existence: checkpoint.init_from, when read
     'dataset': string(non_empty=True),          # name, folder, splits: sources.make_source
     'train_split': string(non_empty=True),
@@ -114,6 +118,7 @@ FIELDS = {
     'shuffle_buffer': integer(1),
     'seed': integer(-2**63, 2**63),             # 64-bit: TensorFlow's stateless seeds
     'skip_corrupt_images': boolean(),
+    'optimizer': one_of(*OPTIMIZERS),
     'batch_size': integer(1),                   # divisibility by devices: train, at start
     'learning_rate': number(0, above=True),
     'lr_base_batch_size': integer(1),
@@ -125,7 +130,9 @@ FIELDS = {
     'lr_boundaries_epochs': sequence(number(0), increasing=True),
     'lr_decay_factor': number(0, 1, above=True),
     'warmup_epochs': number(0),
+    'loss': one_of(*LOSSES),
     'label_smoothing': number(0, 1, below=True),
+    'bce_target_thresh': optional(number(0, 1, below=True)),
     'num_epochs': number(0),                    # > 0 unless num_train_steps > 0
     'num_train_steps': integer(-2**63),         # ≤ 0: num_epochs decides
     'fsdp': boolean(),
@@ -151,7 +158,8 @@ MODEL_OPTIONS = {
     'bn_epsilon': number(0, above=True),
     'param_dtype': one_of(*DTYPES),
 }
-FROM_OWN_FIELD = ('num_classes', 'form', 'dtype', 'zero_init_last_bn', 'bn_group_size')
+FROM_OWN_FIELD = ('num_classes', 'form', 'dtype', 'zero_init_last_bn', 'bn_group_size',
+                  'drop_path_rate', 'dropout')
 
 
 def _error(field, value, allowed):

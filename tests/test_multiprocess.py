@@ -66,7 +66,7 @@ def test_a_preempted_two_process_run_resumes_and_equals_one_process(tmp_path):
     wait_for_step(run[0], signal_at)
     run[victim].send_signal(signal.SIGTERM)
     assert finish(run) == [75, 75], (signal_at, victim, output(run[victim])[-3000:])
-    assert '8 devices in 2 processes' in output(run[0])
+    assert '8 cpu devices in 2 processes' in output(run[0])
     saved = set()
     for proc in run:
         assert 'Traceback' not in output(proc)
@@ -75,7 +75,9 @@ def test_a_preempted_two_process_run_resumes_and_equals_one_process(tmp_path):
             'run the same command again to resume'), line
         saved.add(int(line.split('saved step ')[1].split()[0]))
     (step,) = saved
-    assert signal_at <= step < steps and step in steps_in(tmp_path / 'run')
+    # The processes agree on the step to save at; on a loaded machine they may reach the last
+    # step before they hear of the signal, and then the resumed run only evaluates.
+    assert signal_at <= step <= steps and step in steps_in(tmp_path / 'run')
     assert_restorable_and_finite(tmp_path / 'run', [step])
 
     resumed = start_processes(tmp_path / 'run', *args)

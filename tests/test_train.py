@@ -4,8 +4,13 @@ test_multiprocess.py).
 Every run here is a tiny ResNeXt on real or mock data for a few steps; what is asserted is
 equality between runs that must agree, against numbers computed another way.
 """
+import json
 import logging
 import os
+import re
+import subprocess
+import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -15,7 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import quickstart
-from helpers import TINY, Preempted, assert_trees_close, read_metrics, run_cli, tiny_config
+from helpers import (REPO, TINY, Preempted, assert_trees_close, read_metrics, run_cli,
+                     tiny_config, tiny_config_file)
 from resnext_jax import (GroupedBatchNorm, checkpoint, create_model, data, parallel, sources,
                          train)
 
@@ -302,6 +308,92 @@ def test_the_console_keeps_only_our_info_lines():
     assert kept(cli.__file__) and kept(train.__file__) and kept(data.__file__)
     venv = '/home/me/resnext_jax/.venv/lib/python3.11/site-packages/orbax/checkpoint/manager.py'
     assert not kept(venv) and kept(venv, logging.WARNING)
+
+
+# ------------------------------------------------------------------------------ what it reports
+
+def test_logged_speed_and_eta_measure_the_work_not_its_dispatch(tmp_path, monkeypatch, caplog):
+    """Each step waits SLEEP s inside the device computation (a callback on the loss), so its
+    dispatch returns at once and its work takes ≥ SLEEP: images/s ≤ batch / SLEEP, and the
+    ETA counts the steps left at ≥ SLEEP each."""
+    sleep, real = 0.25, train.train_step
+
+    def slow_step(state, batch, **kw):
+        state, metrics = real(state, batch, **kw)
+        loss = jax.pure_callback(lambda x: (time.sleep(sleep), x)[1],
+                                 jax.ShapeDtypeStruct((), jnp.float32), metrics['loss'])
+        return state, {**metrics, 'loss': loss}
+    monkeypatch.setattr(train, 'train_step', slow_step)
+    config = tiny_config(num_train_steps=13, log_every_steps=4, checkpoint_every_steps=100)
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(config, tmp_path)
+    speeds = [r['images_per_sec'] for r in read_all_metrics(tmp_path) if r['split'] == 'train']
+    assert len(speeds) == 4   # steps 4, 8, 12, 13; the first step (the compile) is timed alone
+    for speed in speeds:
+        assert config.batch_size / (4 * sleep) < speed <= config.batch_size / sleep, speeds
+    etas = [line.rsplit('ETA ', 1)[1] for line in caplog.messages if line.startswith('step ')
+            and 'ETA' in line]
+    # At step 4, 9 steps of ≥ 0.25 s are left: at least 2 s.
+    assert etas[0] >= '00:00:02' and etas[-1] == '00:00:00', etas
+    assert any(m.startswith('step 1: compiled and ran in ') for m in caplog.messages)
+
+
+def read_all_metrics(workdir):
+    with open(workdir / 'metrics.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_failed_start_leaves_the_workdir_as_it_was(tmp_path):
+    bad = tiny_config(dataset=f'folder:{tmp_path / "no-such-folder"}')
+    with pytest.raises(ValueError, match='does not exist'):
+        train.train_and_evaluate(bad, tmp_path / 'new')
+    assert not (tmp_path / 'new').exists()   # no run.lock, checkpoints/, config.json
+    kept = tmp_path / 'kept'
+    kept.mkdir()
+    (kept / 'notes.txt').write_text('mine')
+    with pytest.raises(ValueError, match='does not exist'):
+        train.train_and_evaluate(bad, kept)
+    assert os.listdir(kept) == ['notes.txt']
+    # A run that trained keeps what it wrote when it fails later.
+    with pytest.raises(FloatingPointError):
+        train.train_and_evaluate(tiny_config(learning_rate=1e30), tmp_path / 'diverged')
+    assert {'metrics.jsonl', 'checkpoints', 'config.json'} <= set(
+        os.listdir(tmp_path / 'diverged'))
+
+
+def test_first_screen_is_a_few_lines_then_progress(tmp_path):
+    """train.py as a user runs it, with the libraries' own settings (no JAX_PLATFORMS: with
+    the tpu extra installed libtpu probes for TPU hosts; TensorFlow's log level unset)."""
+    config = tiny_config_file(tmp_path, 'num_train_steps=4, log_every_steps=2')
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS',
+                         'TPU_SKIP_MDS_QUERY')}
+    out = subprocess.run([sys.executable, 'train.py', f'--config={config}',
+                          f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    first = next(i for i, l in enumerate(lines) if re.search(r'\] step 2/4 ', l))
+    assert first <= 4, lines[:first + 1]   # starting, the run, compiling, the first step
+    assert all(re.match(r'I\d{4} [\d:.]+ +\d+ train\.py:\d+\] ', l) for l in lines), lines
+    assert f'the full config is in {tmp_path / "run" / "config.json"}' in lines[1]
+
+
+def test_help_exits_0():
+    for flag in ('--help', '--helpfull'):
+        out = run_cli(flag)
+        assert out.returncode == 0 and '--workdir' in out.stdout, out.stderr[-2000:]
+
+
+def test_quiet_start_settings():
+    from resnext_jax import runtime
+    quiet = runtime.quiet_environment
+    assert quiet({}, tpu_chip=False, gpu_plugin=False) == {
+        'TF_ENABLE_ONEDNN_OPTS': '0', 'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'}
+    assert 'JAX_PLATFORMS' not in quiet({}, tpu_chip=True, gpu_plugin=False)
+    assert 'JAX_PLATFORMS' not in quiet({}, tpu_chip=False, gpu_plugin=True)
+    assert quiet({'JAX_PLATFORMS': 'tpu', 'TF_ENABLE_ONEDNN_OPTS': '1',
+                  'TF_CPP_MIN_LOG_LEVEL': '0'}, tpu_chip=False, gpu_plugin=False) == {}
 
 
 def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
