@@ -397,7 +397,9 @@ def init_from(state, directory):
     another number of classes keeps its fresh initialisation; every other variable must match
     in name and shape."""
     if not epath.Path(directory).is_dir():
-        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory')
+        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory: pass a '
+                                'training workdir or a directory that python -m '
+                                'resnext_jax.convert wrote (--config.init_from)')
     saved, meta = load_checkpoint(directory)
     saved = {'params': dict(saved['params']), 'batch_stats': saved.get('batch_stats', {})}
     fresh = {'params': state.params, 'batch_stats': state.batch_stats}
