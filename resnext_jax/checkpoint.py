@@ -33,8 +33,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
-# What a checkpoint's state must agree on with the run that restores it.
-MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size')
+# What a checkpoint's state must agree on with the run that restores it ('optimizer': its state
+# has another shape; checkpoints written before it was recorded are not asked).
+MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size', 'optimizer')
 
 
 class Preempted(Exception):
@@ -47,7 +48,7 @@ def run_meta(config, num_classes, class_names=None):
     from resnext_jax import preprocess   # noqa: PLC0415 (TensorFlow: only here)
     return {'model': config.model, 'model_options': _plain(dict(config.model_options)),
             'num_classes': int(num_classes), 'global_batch_size': config.batch_size,
-            **_plain(preprocess.eval_settings(config)),
+            'optimizer': config.get('optimizer', 'sgd'), **_plain(preprocess.eval_settings(config)),
             **({'class_names': list(class_names)} if class_names else {})}
 
 

@@ -98,6 +98,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     assert train.train_and_evaluate(config, tmp_path / 'full') == full
     with pytest.raises(ValueError, match='global_batch_size=16 but the config says 32'):
         train.train_and_evaluate(tiny_config(batch_size=32), tmp_path / 'full')
+    # Another optimizer's state has another shape: refused by name, not by a tree mismatch.
+    with pytest.raises(ValueError, match="has optimizer='sgd' but the config says 'adamw'"):
+        train.train_and_evaluate(tiny_config(optimizer='adamw'), tmp_path / 'full')
 
 
 # ------------------------------------------------------------------------------ evaluation
