@@ -21,6 +21,7 @@ def get_config():
     c.drop_path_rate = 0.0         # stochastic depth, last block's rate (linear from 0; timm's)
     c.dropout = 0.0                # dropout on the pooled features before the classifier
     c.init_from = ''               # weights to start from: a convert.py checkpoint or a workdir
+    c.init_from_ema = False        # init_from a workdir's EMA weights (one trained with ema_decay)
 
     # Data (resnext_jax.data): 'digits', a TFDS name, or 'folder:/path/to/root'.
     c.dataset = 'imagenet2012'
@@ -35,6 +36,10 @@ def get_config():
     c.augment = 'imagenet'         # 'imagenet', 'cifar' or 'none'
     c.color_jitter = 0.0           # brightness/contrast/saturation ± this, random order
     c.pca_lighting = 0.0           # std of the PCA lighting noise (official code: 0.1)
+    c.auto_augment = ''            # '', 'ta_wide' (TrivialAugment-Wide) or a RandAugment spec
+    #                                in timm's notation, e.g. 'rand-m9-n2-mstd0.5'
+    c.random_erase = 0.0           # probability of random erasing (random-pixel fill)
+    c.repeated_augments = 1        # k > 1: each example k times per epoch-sized stream span
     c.mean = config_dict.placeholder(tuple)  # RGB mean, 0..255 units; None: per dataset
     c.std = config_dict.placeholder(tuple)   # RGB std; None: per dataset (resnext_jax.data)
     c.crop_padding = config_dict.placeholder(int)  # 'cifar' augment padding; None: size // 8
@@ -58,6 +63,13 @@ def get_config():
     c.loss = 'ce'                  # 'ce' softmax cross-entropy, 'bce' per-class sigmoid BCE
     c.label_smoothing = 0.0
     c.bce_target_thresh = config_dict.placeholder(float)  # 'bce': targets > this → 1, else 0
+    c.mixup_alpha = 0.0            # Beta(α, α) of Mixup; 0: off
+    c.cutmix_alpha = 0.0           # Beta(α, α) of CutMix; 0: off
+    c.mixup_prob = 1.0             # probability that a batch is mixed at all
+    c.mixup_switch_prob = 0.5      # with both on: probability of CutMix rather than Mixup
+    c.clip_grad_norm = 0.0         # > 0: clip the global gradient norm to this (timm's Lamb: 1)
+    c.ema_decay = 0.0              # EMA of parameters and BN statistics; 0: none
+    c.ema_every_steps = 1          # update the EMA every this many steps
     c.num_epochs = 90.0
     c.num_train_steps = -1         # > 0 overrides num_epochs
 

@@ -35,7 +35,7 @@ from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
 # What a checkpoint's state must agree on with the run that restores it ('optimizer': its state
 # has another shape; checkpoints written before it was recorded are not asked).
-MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size', 'optimizer')
+MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size', 'optimizer', 'ema')
 
 
 class Preempted(Exception):
@@ -48,7 +48,8 @@ def run_meta(config, num_classes, class_names=None):
     from resnext_jax import preprocess   # noqa: PLC0415 (TensorFlow: only here)
     return {'model': config.model, 'model_options': _plain(dict(config.model_options)),
             'num_classes': int(num_classes), 'global_batch_size': config.batch_size,
-            'optimizer': config.get('optimizer', 'sgd'), **_plain(preprocess.eval_settings(config)),
+            'optimizer': config.get('optimizer', 'sgd'),
+            'ema': bool(config.get('ema_decay', 0.0)), **_plain(preprocess.eval_settings(config)),
             **({'class_names': list(class_names)} if class_names else {})}
 
 
@@ -381,6 +382,18 @@ def load_checkpoint(workdir, step=None):
     return state, meta
 
 
+def variables_of(state, where, ema=False):
+    """{'params', 'batch_stats'} of a loaded checkpoint `state` (`load_checkpoint`): the trained
+    weights, or with `ema` their moving average (a run with `ema_decay`); `where` names the
+    checkpoint in the error for one without an EMA."""
+    if ema:
+        if not state.get('ema'):
+            raise ValueError(f'{where} has no EMA weights (it was trained without '
+                             '--config.ema_decay): leave out the EMA option')
+        state = state['ema']
+    return {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+
+
 def save_variables(directory, variables, meta):
     """Writes `variables` (params, batch_stats) as step 0 of `directory`/checkpoints, laid out
     like a training workdir, so that `load_checkpoint` and `--config.init_from` read it."""
@@ -391,18 +404,20 @@ def save_variables(directory, variables, meta):
         manager.wait_until_finished()
 
 
-def init_from(state, directory):
+def init_from(state, directory, ema=False):
     """(state, meta): `state` with the params and BN statistics of the newest checkpoint in
-    `directory` (from `python -m resnext_jax.convert`, or a training workdir), placed like
-    `state`, and that checkpoint's metadata; step and optimizer state stay fresh. A head for
-    another number of classes keeps its fresh initialisation; every other variable must match
-    in name and shape."""
+    `directory` (from `python -m resnext_jax.convert`, or a training workdir; with `ema` its
+    EMA weights, `--config.init_from_ema`), placed like `state`, and that checkpoint's
+    metadata; step and optimizer state stay fresh (a run with its own EMA starts it at these
+    weights). A head for another number of classes keeps its fresh initialisation; every other
+    variable must match in name and shape."""
     if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory: pass a '
                                 'training workdir or a directory that python -m '
                                 'resnext_jax.convert wrote (--config.init_from)')
     saved, meta = load_checkpoint(directory)
-    saved = {'params': dict(saved['params']), 'batch_stats': saved.get('batch_stats', {})}
+    saved = variables_of(saved, f'init_from {directory}', ema)
+    saved['params'] = dict(saved['params'])
     fresh = {'params': state.params, 'batch_stats': state.batch_stats}
     head = state.params.get('head')
     if head is not None and _shapes(saved['params'].get('head')) != _shapes(head):
@@ -418,5 +433,8 @@ def init_from(state, directory):
         return jax.make_array_from_callback(like.shape, like.sharding, lambda index: x[index])
 
     placed = jax.tree_util.tree_map(place, saved, fresh)
-    logging.info('initialised from %s (%s)', directory, meta.get('model'))
-    return state.replace(params=placed['params'], batch_stats=placed['batch_stats']), meta
+    logging.info('initialised from %s (%s%s)', directory, meta.get('model'),
+                 ', its EMA weights' if ema else '')
+    ema_state = state.ema if state.ema is None else jax.tree_util.tree_map(jnp.copy, placed)
+    return state.replace(params=placed['params'], batch_stats=placed['batch_stats'],
+                         ema=ema_state), meta

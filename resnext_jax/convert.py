@@ -341,13 +341,16 @@ def from_weights(path, name=None, num_classes=None, options=None):
     return model, variables, meta
 
 
-def load_model(path, name=None, options=None):
+def load_model(path, name=None, options=None, ema=False):
     """(model, variables, meta) of a weights file (`from_weights`), or of the newest checkpoint
-    in a directory from `import_weights` or a training workdir. The model name and options
-    default to those recorded (a checkpoint's meta, else the workdir's config.json); the
-    classes are the head's. `meta` is what is recorded, with the model name, options and
-    classes used."""
+    in a directory from `import_weights` or a training workdir (with `ema`, its EMA weights).
+    The model name and options default to those recorded (a checkpoint's meta, else the
+    workdir's config.json); the classes are the head's. `meta` is what is recorded, with the
+    model name, options and classes used."""
     if os.path.isfile(path):
+        if ema:
+            raise ValueError(f'{path} is a weights file, which holds one set of weights: the '
+                             'EMA option reads a training workdir')
         return from_weights(path, name, options=options)
     if not os.path.isdir(path):
         raise FileNotFoundError(f'{path} is not a checkpoint directory or weights file: pass a '
@@ -369,7 +372,7 @@ def load_model(path, name=None, options=None):
     if options is None:
         options = meta.get('model_options', config.get('model_options'))
     options = _model_options(options)
-    variables = {'params': state['params'], 'batch_stats': state.get('batch_stats', {})}
+    variables = checkpoint.variables_of(state, path, ema)
     head = variables['params'].get('head')
     model = create_model(name, num_classes=head['kernel'].shape[-1] if head else 0, **options)
     try:
@@ -403,11 +406,11 @@ def import_weights(src, dst, name=None, num_classes=None, options=None):
                       'choose a writable destination') from None
 
 
-def export_weights(src, dst, name=None, options=None):
+def export_weights(src, dst, name=None, options=None, ema=False):
     """An orbax checkpoint directory or training workdir → a torchvision weights file (with the
-    checkpoint's `FILE_META` in a .safetensors or .npz file)."""
+    checkpoint's `FILE_META` in a .safetensors or .npz file); `ema`: its EMA weights."""
     weights_suffix(dst)   # before the slow part
-    _, variables, meta = load_model(src, name, options)
+    _, variables, meta = load_model(src, name, options, ema)
     write_state_dict(flax_to_torch(variables), dst,
                      {k: meta[k] for k in FILE_META if k in meta})
 
@@ -436,10 +439,16 @@ def main(argv=None):
                         help="classes of the head (default: the weights' fc.weight rows)")
     parser.add_argument('--model-options', type=json_object, metavar='JSON',
                         help='other ResNeXt fields, e.g. \'{"stage_sizes": [1, 1, 1, 1]}\'')
+    parser.add_argument('--ema', action='store_true',
+                        help='export the EMA weights of a workdir trained with '
+                        '--config.ema_decay (default: the trained weights)')
     args = parser.parse_args(argv)
     try:
         if os.path.isdir(args.src):
-            export_weights(args.src, args.dst, args.model, args.model_options)
+            export_weights(args.src, args.dst, args.model, args.model_options, args.ema)
+        elif args.ema:
+            raise ValueError('--ema exports the EMA weights of a training workdir; SRC is a '
+                             'weights file: leave out --ema')
         else:
             import_weights(args.src, args.dst, args.model, args.num_classes, args.model_options)
     except (ValueError, TypeError, OSError) as e:

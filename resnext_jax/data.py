@@ -7,8 +7,11 @@ boundary), the stream is cut into global batches of b·P and process i takes row
 [i·b, (i+1)·b), reading only those examples. Augmentation (`resnext_jax.preprocess`) is seeded by
 (seed, position in the stream), so the concatenation of the P local batches is bitwise the
 P = 1 batch, and resuming at step k just skips k·b·P integers: no record is read to get
-there. TFRecord datasets (sequential only) stream: process i reads `even_splits(split, P)[i]`
-in a fixed file order, each epoch shuffled by a buffer seeded by (seed, epoch); resuming at
+there. Repeated augmentation (`repeated_augments` k > 1) shuffles once per k epochs and repeats
+each index k times in a row, each copy at its own position (so its own augmentation), the
+copies dealt to different blocks of the global batch (`spread_repeats`).
+TFRecord datasets (sequential only) stream: process i reads `even_splits(split, P)[i]` in a
+fixed file order, each epoch shuffled by a buffer seeded by (seed, epoch); resuming at
 step k starts at its epoch and skips at most one epoch of records; the order depends on P.
 Eval: process i takes examples i, i+P, i+2P, … then mask-0 padding, so every process yields
 `num_eval_batches` batches.
@@ -38,17 +41,31 @@ def num_eval_batches(info_or_num_eval, batch_size, process_count) -> int:
     return math.ceil(math.ceil(n / process_count) / batch_size)
 
 
-def _index_stream(n, seed, start):
-    """(position, example index) from global position `start` on; epoch e = shuffle[seed, e]."""
-    first, offset = divmod(start, n)
+def _index_stream(n, seed, start, repeats=1):
+    """(position, example index) from global position `start` on; epoch e = shuffle[seed, e].
+    With `repeats` k > 1, round r (k epochs, n·k positions) is shuffle[seed, r] with each index
+    repeated k times in a row: every example k times per k epochs, each copy at its own
+    position (so its own augmentation)."""
+    k = repeats
+    span = n * k
+    first, offset = divmod(start, span)
 
-    def epoch(e):
+    def rnd(r):
         perm = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
-        skip = tf.where(e == first, tf.constant(offset, tf.int64), 0)
-        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(skip, n), perm[skip:]))
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), r]))
+        skip = tf.where(r == first, tf.constant(offset, tf.int64), 0)
+        at = tf.range(skip, span, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((r * span + at, tf.gather(perm, at // k)))
 
-    return tf.data.Dataset.counter(first).flat_map(epoch)
+    return tf.data.Dataset.counter(first).flat_map(rnd)
+
+
+def spread_repeats(batch, repeats):
+    """The order of a batch of `batch` stream positions that puts the k copies of an example
+    (k consecutive positions) in k different blocks of about batch/k rows, so on different
+    devices, as torchvision's and timm's samplers deal them to different GPUs: the positions
+    ≡ 0 (mod k) first, then ≡ 1, …; with k | batch, row blk·(batch/k) + i takes i·k + blk."""
+    return np.argsort(np.arange(batch) % repeats, kind='stable')
 
 
 def _check_process(process_index, process_count):
@@ -66,19 +83,25 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
     if batch_size * process_count > source.num_train:
         raise ValueError(f'global batch {batch_size}×{process_count} exceeds the '
                          f'{source.num_train} train examples: lower --config.batch_size')
+    repeats = config.get('repeated_augments', 1)
     transform = preprocess.preprocess_fn(config, True, getattr(source, 'encoding', 'bytes'),
                                          normalise=False)
     seed, b, auto = config.seed, batch_size, tf.data.AUTOTUNE
     if isinstance(source, sources.TfdsSource):  # streaming: deterministic for a fixed process count
         return _streamed(source, transform, seed, b, start_step, process_index, process_count,
-                         config.shuffle_buffer)
+                         config.shuffle_buffer, repeats)
     fetch, parse = source.reader('train')
     seed64 = tf.constant(seed, tf.int64)
     lo = process_index * b
 
+    width = b * process_count
+    rows = tf.constant(spread_repeats(width, repeats)[lo:lo + b])
+
     def positions(step):   # (stream position, example index) of this process's batch `step`
-        ds = _index_stream(source.num_train, seed, step * b * process_count)
-        return ds.batch(b * process_count).map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
+        ds = _index_stream(source.num_train, seed, step * width, repeats).batch(width)
+        if repeats == 1:
+            return ds.map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
+        return ds.map(lambda p, i: (tf.gather(p, rows), tf.gather(i, rows)))
 
     def example(p, item):
         image, label = parse(item)
@@ -158,29 +181,39 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
     return _guarded(source, 'eval', config, batches, batch_examples, 0)
 
 
-def _streamed(source, transform, seed, b, start_step, process_index, process_count, buffer):
+def _streamed(source, transform, seed, b, start_step, process_index, process_count, buffer,
+              repeats=1):
     """Process `process_index`'s batches of a TFRecord dataset from `start_step` on.
 
     The process reads its `even_splits` part in one file order (fixed by `seed`); epoch e is
     that sequence through a shuffle buffer seeded by (seed, e), so a resumed run starts at its
     epoch and skips at most one epoch of records. Augmentation is seeded by the position in
-    the process's stream."""
+    the process's stream. With `repeats` k > 1 a round of k epochs is one shuffled pass with
+    each record k times in a row, the copies spread over the batch (`spread_repeats`)."""
     split = tfds.even_splits(source.train_split, n=process_count,
                              drop_remainder=False)[process_index]
     n = source.count(split)   # examples per epoch of this process
-    first, offset = divmod(start_step * b, n)
+    first, offset = divmod(start_step * b, n * repeats)
     records = source.read(split, seed)
 
     def epoch(e):
         shuffled = records.shuffle(buffer, seed=seed * 1_000_003 + e,
                                    reshuffle_each_iteration=False)
-        return shuffled.enumerate(e * n)
+        if repeats > 1:
+            shuffled = shuffled.flat_map(
+                lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
+        return shuffled.enumerate(e * n * repeats)
 
     ds = tf.data.Dataset.counter(first).flat_map(epoch).skip(offset)
     ds = ds.map(lambda i, ex: {'image': transform(ex['image'], tf.stack(
         [tf.constant(seed, tf.int64), i * process_count + process_index])),
         'label': tf.cast(ex['label'], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE)
-    return _batched(ds, b).as_numpy_iterator()
+    if repeats == 1:
+        return _batched(ds, b).as_numpy_iterator()
+    rows = tf.constant(spread_repeats(b, repeats))
+    ds = ds.batch(b, drop_remainder=True).map(
+        lambda batch: tf.nest.map_structure(lambda x: tf.gather(x, rows), batch))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(sources.deterministic()).as_numpy_iterator()
 
 
 def _one(fetch, index):
@@ -247,4 +280,3 @@ def _reason(error):
     text = re.sub(r'\{\{function_node [^}]*\}\}\s*|\s*(\[Op:|\[\[).*', '', error.message,
                   flags=re.S)
     return ' '.join(text.split()) or type(error).__name__
-

@@ -116,7 +116,8 @@ def compile_step(config, mesh, num_classes, global_batch, step=TRAIN):
              for k, s in batch_shapes(config, global_batch, size, step).items()}
     t = time.perf_counter()
     with jax.set_mesh(mesh):  # as train.py traces them: `train.make_steps`
-        p_train, p_eval = train.make_steps(config, model, tx, mesh, shardings)
+        p_train, p_eval = train.make_steps(config, model, tx, mesh, shardings, num_classes,
+                                           STEPS_PER_EPOCH)
         compiled = (p_train if step == TRAIN else p_eval).lower(state, batch).compile()
     return compiled, time.perf_counter() - t
 

@@ -1,5 +1,6 @@
 """One example → the normalised image a network sees: decoding, training augmentation (the
-paper's scale and aspect crop, colour and lighting noise, CIFAR's pad-and-crop, flips) and
+paper's scale and aspect crop, colour and lighting noise, CIFAR's pad-and-crop, flips, then
+RandAugment / TrivialAugment-Wide and random erasing, `resnext_jax.autoaugment`) and
 evaluation's resize and centre crop, all TensorFlow ops for tf.data. Pixels are float32 in
 0..255 until normalised by (x - mean) / std. The input pipeline sends them to the devices
 unnormalised in the smallest type that holds them to half a grey level (`feed_dtype`: uint8, a
@@ -8,6 +9,8 @@ normalise them there (`resnext_jax.train.normalise`); `predict` normalises here.
 module keeps TensorFlow off the accelerators, which belong to JAX."""
 import tensorflow as tf
 from absl import logging
+
+from resnext_jax import autoaugment
 
 try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
     tf.config.set_visible_devices([], 'GPU')
@@ -165,9 +168,13 @@ def as_trained(config, meta, weights):
 def feed_dtype(config, train):
     """The type of the unnormalised pixels the input pipeline sends: uint8, or bfloat16 for
     training with colour jitter or PCA lighting, whose pixels may leave 0..255 (the official
-    code does not clip them). bfloat16's 8 significant bits hold 0..255 to half a grey level
-    as rounding to uint8 does (one level from 256 to 512), at half of float32's bytes."""
-    return 'bfloat16' if train and (config.color_jitter or config.pca_lighting) else 'uint8'
+    code does not clip them), or random erasing, whose fill (mean + std·N(0, 1)) leaves it.
+    bfloat16's 8 significant bits hold 0..255 to half a grey level as rounding to uint8 does
+    (one level from 256 to 512), at half of float32's bytes."""
+    if not train:   # evaluation configs hold only EVAL_FIELDS (predict builds them)
+        return 'uint8'
+    leaves = config.color_jitter or config.pca_lighting or config.get('random_erase', 0.0)
+    return 'bfloat16' if leaves else 'uint8'
 
 
 def preprocess_fn(config, train, encoding, normalise=True):
@@ -177,7 +184,8 @@ def preprocess_fn(config, train, encoding, normalise=True):
     devices, in `feed_dtype`: uint8 rounded to the nearest integer, or bfloat16.
     `encoding`: None for pixel arrays, 'file' for paths, 'bytes' for PNG/JPEG bytes. Evaluation
     reads only `EVAL_FIELDS`: `predict` builds them from a checkpoint's metadata, so images are
-    fed to the weights as in training."""
+    fed to the weights as in training. Training then applies `auto_augment` to the whole-number
+    pixels after the flip and, last, random erasing (`random_erase`), as timm orders them."""
     augment = config.augment
     if augment not in AUGMENTS:
         raise ValueError(f"augment '{augment}' is not one of {AUGMENTS}: fix --config.augment")
@@ -188,6 +196,12 @@ def preprocess_fn(config, train, encoding, normalise=True):
     pad = size // 8 if pad is None else pad
     resize = eval_resize(config) if augment == 'imagenet' and not train else None
     feed = feed_dtype(config, train)
+    try:
+        policy = autoaugment.parse(config.get('auto_augment', '')) if train else None
+    except ValueError as e:
+        raise ValueError(f'{e}: fix --config.auto_augment') from None
+    erase = config.get('random_erase', 0.0) if train else 0.0
+    fill = normalisation(config)[0]
 
     def preprocess(data, seed):
         crop_seed, flip_seed, colour_seed = tf.unstack(
@@ -206,8 +220,17 @@ def preprocess_fn(config, train, encoding, normalise=True):
         if augment != 'none' and train:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         image = tf.reshape(image, [size, size, 3])
+        # Their seeds are folded in from `seed`, which nothing else uses but the split above.
+        if policy is not None:
+            image = autoaugment.augment(
+                policy, image, tf.random.experimental.stateless_fold_in(seed, 1), fill)
+        if erase:
+            erase_seed = tf.random.experimental.stateless_fold_in(seed, 2)
         if normalise:
-            return (image - mean) / std
+            image = (image - mean) / std
+            return autoaugment.random_erase(image, erase_seed, erase) if erase else image
+        if erase:  # in 0..255 units: normalised, the fill is N(0, 1) as timm's
+            image = autoaugment.random_erase(image, erase_seed, erase, mean, std)
         if feed == 'bfloat16':
             return tf.cast(image, tf.bfloat16)
         return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

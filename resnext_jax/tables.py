@@ -12,7 +12,10 @@ batch norm, ReLU, pooling and additions are not counted. The paper prints 3 sign
 
 Accuracy rows: every row of Tables 3, 4, 5 and 7 and the Fig. 7 CIFAR series is a recipe,
 `python train.py --config=configs/paper.py:ROW`, whose config `name` is the row id; `--results`
-matches workdirs to rows by the `name` in their `config.json`.
+matches workdirs to rows by the `name` in their `config.json`. The modern recipes
+(`MODERN_ROWS`, `configs/modern.py:ROW`) are reported the same way beside their published
+top-1 and top-5 (torchvision's weight metadata, timm's results-imagenet.csv); rows whose recipe
+keeps an EMA report the EMA weights, as the published ones are.
 """
 import dataclasses
 import json
@@ -38,6 +41,7 @@ class Row:
     top5_err: float | None = None
     eval_size: int | None = None   # test crop when not the training size
     provided: bool = True          # False: a network this project does not implement
+    ema: bool = False              # ours: the EMA weights' accuracy (the recipe keeps an EMA)
 
 
 def _imagenet(table, model, label, top1, top5=None, **kw):
@@ -78,6 +82,31 @@ for _c in (1, 2, 4, 8, 16):
     ROWS.append(Row(f'fig7_cifar10_resnext29_{_c}x64d', 'fig7', f'resnext29_{_c}x64d', 'cifar10',
                     f'ResNeXt-29 {_c}×64d, CIFAR-10'))
 ROW_IDS = {r.id: r for r in ROWS}
+# Modern recipes (configs/modern.py), published error = 100 − published top-1 / top-5:
+# torchvision: the weights' metadata in torchvision/models/resnet.py (ResNeXt-101 64×4d's
+# IMAGENET1K_V1 was trained with the V2 recipe, pytorch/vision PR 5935); RSB (timm "ResNet
+# strikes back", arXiv 2110.00476): timm's results/results-imagenet.csv, `resnext50_32x4d.aN_in1k`
+# at 224 (crop 0.95, the recipe's own test) and, for A1 and A2, at 288 (crop 1.0, timm's
+# test_input_size).
+MODERN_ROWS = [
+    Row('torchvision_v2_resnext50_32x4d', 'torchvision', 'resnext50_32x4d', 'imagenet2012',
+        'ResNeXt-50 32×4d, torchvision V2', 18.802, 4.660, ema=True),
+    Row('torchvision_v2_resnext101_32x8d', 'torchvision', 'resnext101_32x8d', 'imagenet2012',
+        'ResNeXt-101 32×8d, torchvision V2', 17.166, 3.772, ema=True),
+    Row('torchvision_v2_resnext101_64x4d', 'torchvision', 'resnext101_64x4d', 'imagenet2012',
+        'ResNeXt-101 64×4d, torchvision V2', 16.754, 3.546, ema=True),
+    Row('rsb_a1_resnext50_32x4d', 'rsb', 'resnext50_32x4d', 'imagenet2012',
+        'ResNeXt-50 32×4d, RSB A1', 19.474, 5.542),
+    Row('rsb_a1_resnext50_32x4d_288', 'rsb', 'resnext50_32x4d', 'imagenet2012',
+        'ResNeXt-50 32×4d, RSB A1, 288 test', 18.520, 4.848, eval_size=288),
+    Row('rsb_a2_resnext50_32x4d', 'rsb', 'resnext50_32x4d', 'imagenet2012',
+        'ResNeXt-50 32×4d, RSB A2', 19.556, 5.370),
+    Row('rsb_a2_resnext50_32x4d_288', 'rsb', 'resnext50_32x4d', 'imagenet2012',
+        'ResNeXt-50 32×4d, RSB A2, 288 test', 18.696, 4.886, eval_size=288),
+    Row('rsb_a3_resnext50_32x4d', 'rsb', 'resnext50_32x4d', 'imagenet2012',
+        'ResNeXt-50 32×4d, RSB A3', 20.742, 5.692),
+]
+MODERN_ROW_IDS = {r.id: r for r in MODERN_ROWS}
 # Rows that are the same run as another: Fig. 7's 8× and 16×64d points are Table 7's runs.
 ALIASES = {'fig7_cifar10_resnext29_8x64d': 'table7_cifar10_resnext29_8x64d',
            'fig7_cifar10_resnext29_16x64d': 'table7_cifar10_resnext29_16x64d'}
@@ -225,7 +254,9 @@ def read_run(workdir):
                  if r['split'] == 'eval']
     last = evals[-1] if evals else {}
     return dict(name=config.get('name', ''), workdir=str(workdir), top1=last.get('top1'),
-                top5=last.get('top5'), step=last.get('step'), num_steps=last.get('num_steps'),
+                top5=last.get('top5'), ema_top1=last.get('ema_top1'),
+                ema_top5=last.get('ema_top5'), step=last.get('step'),
+                num_steps=last.get('num_steps'),
                 finished=bool(last) and last['step'] >= last['num_steps'])
 
 
@@ -237,23 +268,26 @@ def results(workdirs):
         except (FileNotFoundError, json.JSONDecodeError) as e:
             raise ValueError(f'{w} is not a training workdir ({e}); pass directories that '
                              'train.py wrote') from None
-        if run['name'] not in ROW_IDS:
+        if run['name'] not in ROW_IDS and run['name'] not in MODERN_ROW_IDS:
             raise ValueError(
-                f"{w} is not a run of a paper row (its recipe name is {run['name']!r}); "
-                'pass workdirs trained with --config=configs/paper.py:ROW '
-                '(python -m resnext_jax.tables --rows lists the rows)')
+                f"{w} is not a run of a paper row or modern recipe (its recipe name is "
+                f"{run['name']!r}); pass workdirs trained with --config=configs/paper.py:ROW "
+                'or configs/modern.py:ROW (python -m resnext_jax.tables --rows lists them)')
         runs[run['name']] = run
     rows = []
-    for r in ROWS:
+    for r in ROWS + MODERN_ROWS:
         run = runs.get(r.id) or runs.get(ALIASES.get(r.id, ''))
         ours = {}
-        if run and run['top1'] is not None:
-            ours = dict(top1_err=round(100 * (1 - run['top1']), 2),
-                        top5_err=round(100 * (1 - run['top5']), 2),
+        prefix = 'ema_' if r.ema else ''
+        if run and run[prefix + 'top1'] is not None:
+            ours = dict(top1_err=round(100 * (1 - run[prefix + 'top1']), 2),
+                        top5_err=round(100 * (1 - run[prefix + 'top5']), 2),
                         status='done' if run['finished'] else
                         f"running (step {run['step']}/{run['num_steps']})",
                         workdir=run['workdir'])
         status = ('not provided' if not r.provided else ours.get('status', 'not run'))
+        if r.ema and ours:
+            status += ', EMA weights'
         rows.append(dict(row=r.id, table=r.table, label=r.label, dataset=r.dataset,
                          paper_top1_err=r.top1_err, paper_top5_err=r.top5_err,
                          **{k: v for k, v in ours.items() if k != 'status'}, status=status))
@@ -263,10 +297,10 @@ def results(workdirs):
 def format_results(rows):
     def f(v):
         return '—' if v is None else f'{v:.2f}'
-    out = [f"{'table':7} {'network':38} {'top-1 err':>19} {'top-5 err':>19}  status",
-           f"{'':7} {'':38} {'paper':>9} {'ours':>9} {'paper':>9} {'ours':>9}"]
+    out = [f"{'table':11} {'network':38} {'top-1 err':>19} {'top-5 err':>19}  status",
+           f"{'':11} {'':38} {'published':>9} {'ours':>9} {'published':>9} {'ours':>9}"]
     for r in rows:
-        out.append(f"{r['table']:7} {r['label']:38} {f(r['paper_top1_err']):>9} "
+        out.append(f"{r['table']:11} {r['label']:38} {f(r['paper_top1_err']):>9} "
                    f"{f(r.get('top1_err')):>9} {f(r['paper_top5_err']):>9} "
                    f"{f(r.get('top5_err')):>9}  {r['status']}")
     return '\n'.join(out)
@@ -279,15 +313,16 @@ def main(argv=None):
     p.add_argument('--results', nargs='+', metavar='RUN_DIR',
                    help='workdirs of paper runs: print the accuracy tables with our results')
     p.add_argument('--rows', nargs='*', metavar='TABLE',
-                   help='print the ids of the recipes (configs/paper.py:ID) of these tables '
-                        '(table3, table4, table5, table7, fig7; default: all), one per line')
+                   help='print the ids of the recipes (configs/paper.py:ID, '
+                        'configs/modern.py:ID) of these tables (table3, table4, table5, table7, '
+                        'fig7, torchvision, rsb; default: all), one per line')
     args = p.parse_args(argv)
     if args.rows is not None:
-        unknown = sorted(set(args.rows) - {r.table for r in ROWS})
+        unknown = sorted(set(args.rows) - {r.table for r in ROWS + MODERN_ROWS})
         if unknown:
             p.exit(1, f'error: --rows: unknown table {unknown[0]!r}; use table3, table4, table5, '
-                      'table7 or fig7\n')
-        print('\n'.join(r.id for r in ROWS if r.provided and r.id not in ALIASES
+                      'table7, fig7, torchvision or rsb\n')
+        print('\n'.join(r.id for r in ROWS + MODERN_ROWS if r.provided and r.id not in ALIASES
                         and (not args.rows or r.table in args.rows)))
         return
     if args.results:

@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from resnext_jax import checkpoint, data, parallel, preprocess, sources, validate
+from resnext_jax import checkpoint, data, mixup, parallel, preprocess, sources, validate
 from resnext_jax.metrics import MetricsWriter
 from resnext_jax.models import create_model
 
@@ -29,6 +29,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     batch_stats: Any
     opt_state: Any
+    ema: Any = None   # {'params', 'batch_stats'}: their moving average (`ema_decay`), or None
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,45 +69,59 @@ def create_optimizer(config, schedule):
         SGD does.
     'adamw': `optax.adamw` (Loshchilov & Hutter): Adam, β = (0.9, 0.999), ε = 1e-8 (PyTorch's
         and timm's defaults), and the decoupled decay `weight_decay` · learning rate · w.
-    'lamb': `optax.lamb` (You et al.): Adam's step, β = (0.9, 0.999), ε = 1e-6 (timm's Lamb
-        defaults), plus `weight_decay` · w, scaled per parameter array by the trust ratio
-        ‖w‖ / ‖step‖. Unlike timm's Lamb: no clipping of the global gradient norm (timm: 1.0),
-        and the trust ratio also scales the arrays left out of the decay.
-    `momentum` and `nesterov` are SGD's only.
+    'lamb': LAMB (You et al.) as timm's `Lamb`: Adam's step, β = (0.9, 0.999), ε = 1e-6, plus
+        `weight_decay` · w, scaled per parameter array by the trust ratio ‖w‖ / ‖step‖ — only
+        for the arrays that are decayed (timm adapts the others only with `always_adapt`).
+        timm's Lamb also clips the global gradient norm at 1.0: set `clip_grad_norm` 1.0.
+    `momentum` and `nesterov` are SGD's only. `clip_grad_norm` > 0 clips the global norm of
+    the gradient to it first (`optax.clip_by_global_norm`), for any optimizer.
     """
     mask = None if config.decay_bn_and_bias else (
         lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params))
     optimizer = config.get('optimizer', 'sgd')
     if optimizer == 'adamw':
-        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
-    if optimizer == 'lamb':
-        return optax.lamb(schedule, weight_decay=config.weight_decay, mask=mask)
-    if optimizer != 'sgd':
+        tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask)
+    elif optimizer == 'lamb':
+        trust = optax.scale_by_trust_ratio()
+        tx = optax.chain(
+            optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
+            optax.add_decayed_weights(config.weight_decay, mask),
+            trust if mask is None else optax.masked(trust, mask),
+            optax.scale_by_learning_rate(schedule))
+    elif optimizer == 'sgd':
+        tx = optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask),
+            optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+    else:
         raise ValueError(f'unknown optimizer {optimizer!r}; use one of '
                          f'{", ".join(validate.OPTIMIZERS)}')
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask),
-        optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+    clip = config.get('clip_grad_norm', 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
 # ------------------------------------------------------------------------------------------
 # Steps
 # ------------------------------------------------------------------------------------------
 
-def cross_entropy(logits, labels, smoothing=0.0):
+def _targets(logits, labels, smoothing):
+    """Class probabilities: `labels` as they are when already (B, K) (mixed, `resnext_jax.mixup`,
+    which smooths them itself), else one-hot integer labels smoothed by `smoothing`."""
+    if labels.ndim == logits.ndim:
+        return labels.astype(jnp.float32)
     targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
+    return optax.smooth_labels(targets, smoothing) if smoothing else targets
+
+
+def cross_entropy(logits, labels, smoothing=0.0):
+    return optax.softmax_cross_entropy(logits, _targets(logits, labels, smoothing))
 
 
 def binary_cross_entropy(logits, labels, smoothing=0.0, target_thresh=None):
     """Per-example mean over classes of the binary cross-entropy of sigmoid(logits), as timm's
     `BinaryCrossEntropy` ("ResNet strikes back"): one-hot targets smoothed to 1 - s + s/K and
-    s/K (K classes), then, with `target_thresh`, 1 where above it and 0 elsewhere."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
+    s/K (K classes), then, with `target_thresh`, 1 where above it and 0 elsewhere. Mixed
+    (B, K) targets are thresholded as they come, as timm does after Mixup/CutMix."""
+    targets = _targets(logits, labels, smoothing)
     if target_thresh is not None:
         targets = (targets > target_thresh).astype(targets.dtype)
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)
@@ -138,34 +153,61 @@ def _gathered(params, gather):
     return params if gather is None else jax.lax.with_sharding_constraint(params, gather)
 
 
+def update_ema(ema, params, batch_stats, step, decay, every=1, copy_until=0):
+    """The moving average after optimizer step `step` (1-based): every `every` steps
+    ema ← decay · ema + (1 − decay) · (params, batch_stats); a copy of them while
+    step ≤ `copy_until` (torchvision resets its EMA during the learning-rate warm-up); else
+    unchanged."""
+    new = {'params': params, 'batch_stats': batch_stats}
+    d = jnp.where(step <= copy_until, 0.0, decay)
+
+    def average(ema):
+        return jax.tree_util.tree_map(lambda e, x: (d * e + (1 - d) * x).astype(e.dtype),
+                                      ema, new)
+
+    # Only the steps that update read and write the average (a branch, not a select).
+    if every == 1:
+        return average(ema)
+    return jax.lax.cond(step % every == 0, average, lambda ema: ema, ema)
+
+
 def train_step(state, batch, *, model, tx, loss='ce', label_smoothing=0.0,
-               bce_target_thresh=None, seed=0, gather=None, mean=None, std=None):
+               bce_target_thresh=None, seed=0, gather=None, mean=None, std=None, mix=None,
+               ema=None):
     """One optimizer step on `batch`: uint8 images normalised with `mean`, `std` (float images
     as they are when `mean` is None), `loss` 'ce' or 'bce' (`training_loss`). The model's
-    'dropout' rng (drop path, dropout) is a function of (`seed`, step), so a resumed run draws
-    what it would have."""
+    'dropout' rng (drop path, dropout) and `mix`'s (Mixup/CutMix: f(rng, images, labels) →
+    (images, targets)) are functions of (`seed`, step), so a resumed run draws what it would
+    have. `ema`: the keyword arguments of `update_ema` after `step`, params and stats."""
     images = normalise(batch['image'], mean, std)
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    labels = batch['label']
+    if mix is not None:
+        images, labels = mix(jax.random.fold_in(rng, 1), images, labels)
 
     def loss_fn(params):
         logits, updates = model.apply(
             {'params': _gathered(params, gather), 'batch_stats': state.batch_stats},
             images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-        loss_value = training_loss(logits, batch['label'], loss, label_smoothing,
+        loss_value = training_loss(logits, labels, loss, label_smoothing,
                                    bce_target_thresh).mean()
         return loss_value, (logits, updates['batch_stats'])
 
     (loss_value, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=batch_stats, opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    state = state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                          ema=state.ema if ema is None else update_ema(
+                              state.ema, params, batch_stats, step, **ema))
     top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
     return state, {'loss': loss_value, 'top1': top1}
 
 
 def eval_step(state, batch, *, model, gather=None, mean=None, std=None):
-    """Sums over the examples whose mask is 1: loss, top-1 and top-5 hits, count."""
+    """Sums over the examples whose mask is 1: loss, top-1 and top-5 hits, count. The EMA
+    weights are evaluated by the same compiled step: `ema_view(state)`."""
     logits = model.apply({'params': _gathered(state.params, gather),
                           'batch_stats': state.batch_stats},
                          normalise(batch['image'], mean, std), train=False)
@@ -177,6 +219,12 @@ def eval_step(state, batch, *, model, gather=None, mean=None, std=None):
             'top1': jnp.sum(hits[:, 0] * mask),
             'top5': jnp.sum(jnp.any(hits, -1) * mask),
             'num_examples': jnp.sum(mask)}
+
+
+def ema_view(state):
+    """`state` with its EMA in place of the params and BN statistics (what evaluation,
+    predict and convert read as 'the EMA weights'); same shapes, so the same compiled steps."""
+    return state.replace(params=state.ema['params'], batch_stats=state.ema['batch_stats'])
 
 
 def evaluate(eval_fn, state, config, local_batch, mesh, source):
@@ -196,9 +244,11 @@ def make_init(config, model, tx):
     def init(rng):
         shape = (1, config.image_size, config.image_size, 3)
         variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
-        params = variables['params']
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+        params, stats = variables['params'], variables.get('batch_stats', {})
+        ema = ({'params': params, 'batch_stats': stats}
+               if config.get('ema_decay', 0.0) else None)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                          opt_state=tx.init(params), ema=ema)
     return init
 
 
@@ -212,7 +262,16 @@ def state_layout(config, model, tx, mesh):
     return init, abstract, shardings
 
 
-def make_steps(config, model, tx, mesh, shardings):
+def ema_settings(config, steps_per_epoch):
+    """`update_ema`'s keyword arguments for `config` (None without an EMA): `ema_decay` per
+    update, every `ema_every_steps` steps, a copy of the weights during the warm-up."""
+    if not config.get('ema_decay', 0.0):
+        return None
+    return {'decay': config.ema_decay, 'every': config.ema_every_steps,
+            'copy_until': int(config.warmup_epochs * steps_per_epoch)}
+
+
+def make_steps(config, model, tx, mesh, shardings, num_classes=None, steps_per_epoch=1):
     """The jitted (train_step, eval_step) of a run over `mesh`, the state placed by `shardings`
     and donated to the train step, the batch split over 'data'. `train_and_evaluate` runs them
     and `python -m resnext_jax.plan` compiles them for TPU topologies. Call or lower them inside
@@ -221,11 +280,19 @@ def make_steps(config, model, tx, mesh, shardings):
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     gather = repl if config.fsdp else None
     mean, std = preprocess.normalisation(config)   # the pipeline sends unnormalised pixels
+    mix = None
+    if mixup.enabled(config):
+        mix = functools.partial(
+            mixup.mix, num_classes=num_classes or model.num_classes,
+            mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+            prob=config.mixup_prob, switch_prob=config.mixup_switch_prob,
+            label_smoothing=config.label_smoothing)
     p_train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, loss=config.loss,
                           label_smoothing=config.label_smoothing,
                           bce_target_thresh=config.bce_target_thresh, seed=config.seed,
-                          gather=gather, mean=mean, std=std),
+                          gather=gather, mean=mean, std=std, mix=mix,
+                          ema=ema_settings(config, steps_per_epoch)),
         in_shardings=(shardings, batch_sh), out_shardings=(shardings, repl), donate_argnums=0)
     p_eval = jax.jit(functools.partial(eval_step, model=model, gather=gather, mean=mean, std=std),
                      in_shardings=(shardings, batch_sh), out_shardings=repl)
@@ -396,7 +463,8 @@ def _run(config, workdir, source, mesh):
     else:
         state = jax.jit(init, out_shardings=shardings)(rng)
         if config.init_from:
-            state, saved = checkpoint.init_from(state, config.init_from)
+            state, saved = checkpoint.init_from(state, config.init_from,
+                                                config.get('init_from_ema', False))
             weights = (config.init_from, saved)
     if config.eval_only and weights:   # fed images as the weights were trained
         config = preprocess.as_trained(config, weights[1], weights[0])
@@ -409,7 +477,8 @@ def _run(config, workdir, source, mesh):
                  config.batch_size, num_steps / steps_per_epoch, workdir / 'config.json')
 
     # ---------------------------------------------------------------- compiled steps
-    p_train, p_eval = make_steps(config, model, tx, mesh, shardings)
+    p_train, p_eval = make_steps(config, model, tx, mesh, shardings, info.num_classes,
+                                 steps_per_epoch)
     writer = MetricsWriter(workdir, enabled=process_index == 0, resume_step=start)
     if process_index == 0:
         (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
@@ -417,11 +486,17 @@ def _run(config, workdir, source, mesh):
     def run_eval(step):
         t = time.perf_counter()
         result = evaluate(p_eval, state, config, local_batch, mesh, source)
+        ema = ''
+        if state.ema is not None:   # the EMA weights, by the same compiled step
+            averaged = evaluate(p_eval, ema_view(state), config, local_batch, mesh, source)
+            result.update({f'ema_{k}': v for k, v in averaged.items() if k != 'num_examples'})
+            ema = (f'; EMA: loss {averaged["loss"]:.4f}, top-1 {100 * averaged["top1"]:.2f}%, '
+                   f'top-5 {100 * averaged["top5"]:.2f}%')
         writer.write(step, 'eval', **result, epoch=step / steps_per_epoch,
                      num_steps=num_steps)
-        logging.info('eval at step %d: loss %.4f, top-1 %.2f%%, top-5 %.2f%% (%d examples, '
+        logging.info('eval at step %d: loss %.4f, top-1 %.2f%%, top-5 %.2f%%%s (%d examples, '
                      '%.1f s)', step, result['loss'], 100 * result['top1'],
-                     100 * result['top5'], result['num_examples'], time.perf_counter() - t)
+                     100 * result['top5'], ema, result['num_examples'], time.perf_counter() - t)
         return result
 
     def log_train(step, pending):

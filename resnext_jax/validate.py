@@ -86,6 +86,20 @@ def profile_steps():
     return ok, "'' (no trace) or 'A:B' with 0 < A < B: the steps A to B - 1 are traced"
 
 
+def augment_policy():
+    def ok(v):
+        if v == '':
+            return True
+        from resnext_jax import autoaugment   # noqa: PLC0415 (TensorFlow ops)
+        try:
+            autoaugment.parse(v)
+        except (TypeError, ValueError):
+            return False
+        return True
+    return ok, ("'' (none), 'ta_wide' (TrivialAugment-Wide) or a RandAugment spec in timm's "
+                "notation, e.g. 'rand-m9-n2-mstd0.5'")
+
+
 OTHER = None   # checked by `check_config` itself (`_check_model`)
 
 # Every field of configs/default.py: its rule. A comment says what is checked later, where the
@@ -101,6 +115,7 @@ FIELDS = {
     'drop_path_rate': number(0, 1, below=True),
     'dropout': number(0, 1, below=True),
     'init_from': string(),                      # existence: checkpoint.init_from, when read
+    'init_from_ema': boolean(),                 # whether it has an EMA: checkpoint.init_from
     'dataset': string(non_empty=True),          # name, folder, splits: sources.make_source
     'train_split': string(non_empty=True),
     'eval_split': string(non_empty=True),
@@ -114,6 +129,9 @@ FIELDS = {
     'pca_lighting': number(0),
     'mean': optional(sequence(number(0, 255), 3)),
     'std': optional(sequence(number(0, above=True), 3)),
+    'auto_augment': augment_policy(),
+    'random_erase': number(0, 1),
+    'repeated_augments': integer(1),
     'crop_padding': optional(integer(0)),
     'shuffle_buffer': integer(1),
     'seed': integer(-2**63, 2**63),             # 64-bit: TensorFlow's stateless seeds
@@ -133,6 +151,13 @@ FIELDS = {
     'loss': one_of(*LOSSES),
     'label_smoothing': number(0, 1, below=True),
     'bce_target_thresh': optional(number(0, 1, below=True)),
+    'mixup_alpha': number(0),
+    'cutmix_alpha': number(0),
+    'mixup_prob': number(0, 1),
+    'mixup_switch_prob': number(0, 1),
+    'clip_grad_norm': number(0),
+    'ema_decay': number(0, 1, below=True),
+    'ema_every_steps': integer(1),
     'num_epochs': number(0),                    # > 0 unless num_train_steps > 0
     'num_train_steps': integer(-2**63),         # ≤ 0: num_epochs decides
     'fsdp': boolean(),

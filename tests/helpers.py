@@ -30,13 +30,29 @@ def tiny_config_file(directory, overrides=''):
     """A --config file whose get_config() is `tiny_config(OVERRIDES)`."""
     path = directory / 'tiny.py'
     path.write_text(f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
-                    'from helpers import tiny_config\n'
+                    'from helpers import MODERN, tiny_config\n'
                     f'def get_config():\n    return tiny_config({overrides})\n')
     return path
 
 
 class Preempted(Exception):
     """Raised from a patched input pipeline to stop a run in the middle."""
+
+
+def stop_input_at(monkeypatch, batch_index):
+    """Patches `data.train_batches` to raise `Preempted` instead of yielding batch
+    `batch_index` (0-based): steps 1 … batch_index run. Returns the real function."""
+    from resnext_jax import data
+    real = data.train_batches
+
+    def stopping(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == batch_index:
+                raise Preempted
+            yield batch
+
+    monkeypatch.setattr(data, 'train_batches', stopping)
+    return real
 
 
 def read_metrics(workdir, split='train'):
@@ -102,3 +118,12 @@ def output(proc):
     proc.log.flush()
     with open(proc.log.name) as f:
         return f.read()
+
+
+# Every modern-recipe ingredient at once (configs/modern.py's fields), sized for tiny_config:
+# 89 steps per epoch, so the warm-up (and the EMA's copying) lasts 2 steps.
+MODERN = dict(optimizer='lamb', learning_rate=5e-3, weight_decay=0.02, decay_bn_and_bias=False,
+              clip_grad_norm=1.0, loss='bce', bce_target_thresh=0.2, label_smoothing=0.1,
+              drop_path_rate=0.1, dropout=0.1, mixup_alpha=0.2, cutmix_alpha=1.0,
+              ema_decay=0.9, ema_every_steps=2, warmup_epochs=2 / 89, schedule='cosine',
+              repeated_augments=2, auto_augment='rand-m9-n2-mstd0.5', random_erase=0.25)

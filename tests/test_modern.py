@@ -195,12 +195,14 @@ def adamw_reference(w, grads, lrs, wd, decayed, eps=1e-8):
 
 def lamb_reference(w, grads, lrs, wd, decayed, eps=1e-6):
     """You et al., Alg. 2 (LAMB), per parameter array: r = m̂ / (√v̂ + ε) + λ w and
-    w ← w − η_t ‖w‖ / ‖r‖ · r."""
+    w ← w − η_t ‖w‖ / ‖r‖ · r; as timm's Lamb, arrays left out of the decay take the plain
+    step w ← w − η_t · r (no trust ratio unless `always_adapt`)."""
     m, v = np.zeros_like(w), np.zeros_like(w)
     for t, (g, lr) in enumerate(zip(grads, lrs), 1):
         m, v, m_hat, v_hat = adam_moments(m, v, g, t)
         r = m_hat / (np.sqrt(v_hat) + eps) + (wd if decayed else 0.0) * w
-        w = w - lr * np.linalg.norm(w) / np.linalg.norm(r) * r
+        trust = np.linalg.norm(w) / np.linalg.norm(r) if decayed else 1.0
+        w = w - lr * trust * r
     return w
 
 
@@ -327,3 +329,147 @@ def test_a_modern_recipe_step_draws_from_seed_and_step_only():
     assert np.isfinite(m1['loss']) and m1['loss'] == m2['loss'] != m3['loss']
     jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, again.params)
     assert int(first.step) == 1
+
+
+# --------------------------------------------------------------------- repeated augmentation
+
+def _ids(batch):
+    """The example ids `test_data.index_source` encodes in pixel (0, 0, 0..1)."""
+    x = np.round(batch['image'][:, 0, :2, 0]).astype(int)
+    return x[:, 0] * 256 + x[:, 1]
+
+
+def _id_source(n):
+    from resnext_jax import sources
+    x = np.zeros((n, 4, 4, 1), np.float32)
+    ids = np.arange(n)
+    x[:, 0, 0, 0], x[:, 0, 1, 0] = ids // 256, ids % 256
+    return sources.ArraySource(x, ids % 5, x[:4], ids[:4] % 5, 5)
+
+
+def _plain_config(**kw):
+    from configs import default
+    c = default.get_config()
+    c.update(dataset='digits', image_size=4, augment='none', mean=(0., 0., 0.),
+             std=(1., 1., 1.), seed=3, **kw)
+    return c
+
+
+@pytest.mark.parametrize('k', [2, 3])
+def test_repeated_augmentation_keeps_epochs_and_shows_every_example_k_times(k):
+    from resnext_jax import data
+    n, batch = 24, 12
+    config = _plain_config(repeated_augments=k)
+    source = _id_source(n)
+    stream = data.train_batches(config, batch, source=source)
+    ids = np.concatenate([_ids(next(stream)) for _ in range(n * k // batch)])
+    # k epochs of n positions: every example exactly k times (each epoch stays n long).
+    np.testing.assert_array_equal(np.bincount(ids, minlength=n), np.full(n, k))
+    # k | batch: the k copies of an example sit in one batch, batch/k rows apart (different
+    # devices).
+    for b in ids.reshape(-1, batch):
+        blocks = b.reshape(k, batch // k)
+        for j in range(1, k):
+            np.testing.assert_array_equal(blocks[j], blocks[0])
+    # Two processes' halves are the one-process batch; a resumed stream continues it.
+    halves = [data.train_batches(config, batch // 2, process_index=i, process_count=2,
+                                 source=source) for i in range(2)]
+    both = np.concatenate([np.concatenate([_ids(next(h)) for h in halves])
+                           for _ in range(n * k // batch)])
+    np.testing.assert_array_equal(both, ids)
+    resumed = data.train_batches(config, batch, start_step=3, source=source)
+    np.testing.assert_array_equal(_ids(next(resumed)), ids[3 * batch:4 * batch])
+
+
+def test_repeated_copies_get_their_own_augmentation():
+    from resnext_jax import data, sources
+    from configs import default
+    config = default.get_config()
+    config.update(dataset='digits', eval_split='test', image_size=8, augment='cifar', seed=1,
+                  repeated_augments=2)
+    source = sources.make_source(config)
+    images = next(data.train_batches(config, 16, source=source))['image']
+    first, second = images[:8], images[8:]   # rows i and 8 + i are copies of one example
+    assert sum(not np.array_equal(a, b) for a, b in zip(first, second)) >= 6
+
+
+def test_repeated_copies_are_spread_over_a_batch_the_repeats_do_not_divide():
+    from resnext_jax import data
+    n, batch, k = 24, 8, 3                      # 72 positions: 9 batches of 8
+    stream = data.train_batches(_plain_config(repeated_augments=k), batch, source=_id_source(n))
+    ids = np.concatenate([_ids(next(stream)) for _ in range(n * k // batch)])
+    np.testing.assert_array_equal(np.bincount(ids, minlength=n), np.full(n, k))
+    rows = data.spread_repeats(batch, k)        # rows of positions ≡ 0, 1, 2 (mod 3)
+    assert sorted(rows) == list(range(batch))
+    for b in ids.reshape(-1, batch):            # copies of one example never share a block
+        blocks = np.split(b, [3, 6])            # 8 rows: positions ≡ 0 (3 rows), 1 (3), 2 (2)
+        for x in set(b):
+            assert sum(x in blk for blk in blocks) == list(b).count(x)
+
+
+# ---------------------------------------------------------------------------------- EMA
+
+def test_ema_is_the_closed_form_of_its_updates():
+    """ema_t = d·ema_{t−1} + (1 − d)·w_t at the steps that update (every `every`), a copy of
+    w_t during the warm-up, unchanged otherwise; written out as a weighted sum here."""
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=3) for _ in range(8)]          # the weights after steps 1..8
+    w0, d, every, copy_until = rng.normal(size=3), 0.9, 2, 2
+    ema = {'params': {'w': jnp.asarray(w0)}, 'batch_stats': {'s': jnp.asarray(-w0)}}
+    for step, w in enumerate(ws, 1):
+        ema = train.update_ema(ema, {'w': jnp.asarray(w)}, {'s': jnp.asarray(-w)},
+                               jnp.int32(step), d, every, copy_until)
+    # Updating steps: 2 (a copy: warm-up), 4, 6, 8 → w2·d³ + (1−d)(w4·d² + w6·d + w8).
+    expected = ws[1] * d ** 3 + (1 - d) * (ws[3] * d ** 2 + ws[5] * d + ws[7])
+    np.testing.assert_allclose(ema['params']['w'], expected, rtol=1e-6)
+    np.testing.assert_allclose(ema['batch_stats']['s'], -expected, rtol=1e-6)
+
+
+def test_the_training_step_keeps_the_ema_of_params_and_bn_statistics():
+    config = tiny_config(ema_decay=0.5, ema_every_steps=1)
+    model = train.build_model(config, 10)
+    tx = train.create_optimizer(config, 0.1)
+    mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA,))
+    init, _, shardings = train.state_layout(config, model, tx, mesh)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+        p_train, _ = train.make_steps(config, model, tx, mesh, shardings, 10)
+        expected = jax.tree_util.tree_map(np.asarray, state.ema)
+        for _ in range(3):
+            batch = {'image': rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8),
+                     'label': rng.integers(0, 10, 16).astype(np.int32)}
+            state, _ = p_train(state, batch)
+            now = {'params': state.params, 'batch_stats': state.batch_stats}
+            expected = jax.tree_util.tree_map(lambda e, w: 0.5 * e + 0.5 * np.asarray(w),
+                                              expected, now)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           state.ema, expected)
+    assert not np.allclose(state.ema['params']['head']['kernel'], state.params['head']['kernel'])
+
+
+def test_clip_grad_norm_scales_the_gradient_to_the_norm_before_the_optimizer():
+    grads = {'a': jnp.full((4,), 3.0), 'b': jnp.full((2, 2), 4.0)}   # ‖g‖ = √(36 + 64) = 10
+    params = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    config = tiny_config(optimizer='sgd', momentum=0.0, weight_decay=0.0, clip_grad_norm=2.0)
+    tx = train.create_optimizer(config, 1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # SGD at lr 1 steps by −g · 2 / 10.
+    jax.tree_util.tree_map(lambda u, g: np.testing.assert_allclose(u, -g * 0.2, rtol=1e-6),
+                           updates, grads)
+    small = jax.tree_util.tree_map(lambda g: g / 100, grads)           # ‖g‖ = 0.1 < 2: as is
+    updates, _ = tx.update(small, tx.init(params), params)
+    jax.tree_util.tree_map(lambda u, g: np.testing.assert_allclose(u, -g, rtol=1e-6),
+                           updates, small)
+
+
+# ------------------------------------------------------------------ every ingredient at once
+
+def test_the_ema_option_of_a_weights_file_is_one_line(tmp_path, capsys):
+    from helpers import REPO
+    from resnext_jax import convert
+    src = f'{REPO}/tests/fixtures/torchvision_resnet.npz'
+    assert convert.main([src, str(tmp_path / 'out'), '--ema']) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: --ema exports the EMA weights')
+    assert not (tmp_path / 'out').exists()

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import (REPO, assert_trees_close, output, read_metrics, start_processes,
+from helpers import (MODERN, REPO, assert_trees_close, output, read_metrics, start_processes,
                      tiny_config, tiny_config_file)
 from resnext_jax import checkpoint, parallel, train
 from test_checkpoint import assert_restorable_and_finite, steps_in
@@ -56,10 +56,12 @@ def test_a_preempted_two_process_run_resumes_and_equals_one_process(tmp_path):
     """SIGTERM (a spot VM's preemption notice) to one process at a random step: both processes
     save the same step and exit 75; the same command resumes, and the run ends as an
     uninterrupted one-process run with 8 devices does (equal up to float summation order:
-    every step's loss, the eval, the parameters)."""
+    every step's loss, the eval, the parameters and their EMA). Every modern-recipe ingredient
+    is on (`helpers.MODERN`: RandAugment, random erasing, repeated augmentation, Mixup/CutMix,
+    drop path, dropout, LAMB, BCE, EMA), so the 2 × 4 run draws what the 1 × 8 run draws."""
     steps = 6   # float summation order differs with 2 processes: the runs drift after ~6 steps
-    config_file = tiny_config_file(tmp_path,
-                                   f'num_train_steps={steps}, checkpoint_every_steps=100')
+    config_file = tiny_config_file(
+        tmp_path, f'**MODERN, num_train_steps={steps}, checkpoint_every_steps=100')
     args = [f'--config={config_file}']
     signal_at, victim = random.Random().randint(1, 3), random.Random().randint(0, 1)
     run = start_processes(tmp_path / 'run', *args)
@@ -84,8 +86,9 @@ def test_a_preempted_two_process_run_resumes_and_equals_one_process(tmp_path):
     assert finish(resumed) == [0, 0], output(resumed[0])[-3000:]
     assert f'at step {step}' in output(resumed[0])
 
-    one = train.train_and_evaluate(tiny_config(num_train_steps=steps, checkpoint_every_steps=100),
-                                   tmp_path / 'one')
+    one = train.train_and_evaluate(
+        tiny_config(**MODERN, num_train_steps=steps, checkpoint_every_steps=100),
+        tmp_path / 'one')
     two_train, one_train = read_metrics(tmp_path / 'run'), read_metrics(tmp_path / 'one')
     assert [r['step'] for r in two_train] == [r['step'] for r in one_train] == list(
         range(1, steps + 1))
@@ -94,6 +97,7 @@ def test_a_preempted_two_process_run_resumes_and_equals_one_process(tmp_path):
     (two_eval,) = read_metrics(tmp_path / 'run', 'eval')
     assert two_eval['num_examples'] == one['num_examples'] == 360
     np.testing.assert_allclose(two_eval['loss'], one['loss'], rtol=1e-4)
+    np.testing.assert_allclose(two_eval['ema_loss'], one['ema_loss'], rtol=1e-4)
     assert_trees_close(checkpoint.load_checkpoint(tmp_path / 'run')[0],
                        checkpoint.load_checkpoint(tmp_path / 'one')[0], rtol=1e-4, atol=1e-6)
 

@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import paper
-from resnext_jax import data, preprocess, sources, tables, train
-from helpers import REPO, Preempted, tiny_config
+from resnext_jax import data, preprocess, sources, tables, train, validate
+from helpers import REPO, Preempted, stop_input_at, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -173,14 +173,7 @@ def test_report_from_real_runs(tmp_path, monkeypatch, capsys):
     done, partial = tmp_path / 'done', tmp_path / 'partial'
     train.train_and_evaluate(tiny_config(name='table7_cifar10_resnext29_8x64d',
                                          num_train_steps=2), done)
-    real = data.train_batches
-
-    def stop_at_3(*args, **kwargs):
-        for i, batch in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                raise Preempted
-            yield batch
-    monkeypatch.setattr(data, 'train_batches', stop_at_3)
+    stop_input_at(monkeypatch, 2)
     with pytest.raises(Preempted):
         train.train_and_evaluate(tiny_config(name='table3_resnext50_32x4d', num_train_steps=4,
                                              eval_every_epochs=1 / 89), partial)
@@ -212,6 +205,100 @@ def test_report_from_real_runs(tmp_path, monkeypatch, capsys):
     shutil.copytree(done, other)
     config = json.loads((other / 'config.json').read_text())
     (other / 'config.json').write_text(json.dumps({**config, 'name': ''}))
-    with pytest.raises(SystemExit, match=rf"^error: {other} is not a run of a paper row \(its "
-                                         r"recipe name is ''\); pass workdirs trained with "):
+    with pytest.raises(SystemExit, match=rf"^error: {other} is not a run of a paper row or "
+                                         r"modern recipe \(its recipe name is ''\); pass "
+                                         r"workdirs trained with "):
         tables.main(['--results', str(done), str(other)])
+
+
+# --------------------------------------------------------------------------- modern recipes
+
+MODERN = [r.id for r in tables.MODERN_ROWS]
+
+
+@pytest.mark.parametrize('row', MODERN)
+def test_modern_recipes_are_the_published_ones(row):
+    from configs import modern
+    c = modern.get_config(row)
+    spec = tables.MODERN_ROW_IDS[row]
+    validate.check_config(c)
+    assert c.name == row and c.model == spec.model and c.dataset == 'imagenet2012'
+    assert c.schedule == 'cosine' and c.warmup_epochs == 5 and not c.decay_bn_and_bias
+    assert c.batch_size % c.bn_group_size == 0
+    if row.startswith('torchvision'):   # the torchvision blog's recipe; EMA as train.py sets it
+        assert (c.batch_size, c.learning_rate * c.batch_size / c.lr_base_batch_size) == (1024,
+                                                                                         0.5)
+        assert (c.optimizer, c.num_epochs, c.weight_decay, c.label_smoothing) == (
+            'sgd', 600, 2e-5, 0.1)
+        assert (c.image_size, preprocess.eval_size(c), preprocess.eval_resize(c)) == (
+            176, 224, 232)
+        assert (c.auto_augment, c.random_erase, c.repeated_augments) == ('ta_wide', 0.1, 4)
+        assert (c.mixup_alpha, c.cutmix_alpha) == (0.2, 1.0)
+        # pycls/torchvision: alpha = (1 − 0.99998) · world · batch per GPU · 32 steps / epochs
+        assert c.ema_every_steps == 32
+        np.testing.assert_allclose(1 - c.ema_decay, 2e-5 * 8 * 128 * 32 / 600, rtol=1e-12)
+    else:                               # "ResNet strikes back", Table 1
+        procedure = row.split('_')[1]
+        assert (c.optimizer, c.loss, c.batch_size, c.ema_decay) == ('lamb', 'bce', 2048, 0)
+        assert c.num_epochs == {'a1': 600, 'a2': 300, 'a3': 100}[procedure]
+        assert c.image_size == (160 if procedure == 'a3' else 224)
+        test = spec.eval_size or 224
+        assert preprocess.eval_size(c) == test
+        # The 224 test crops 95 % of the resized image; timm's 288 test takes all of it.
+        np.testing.assert_allclose(test / preprocess.eval_resize(c),
+                                   1.0 if spec.eval_size else 0.95, atol=0.002)
+        assert c.auto_augment.startswith('rand-m6' if procedure == 'a3' else 'rand-m7')
+
+
+def test_every_modern_recipe_takes_a_step_with_all_its_ingredients():
+    """Each modern row, shrunk (one block per stage, d = 2, 32² images), through its input
+    pipeline on mock ImageNet, and the jitted step train.py runs (Mixup/CutMix, EMA, LAMB …)
+    traced on its batch."""
+    from configs import modern
+    from jax.sharding import Mesh
+    losses = {}
+    with tfds.testing.mock_data(num_examples=32):
+        for row in MODERN:
+            c = modern.get_config(row)
+            c.image_size, c.batch_size, c.bn_group_size = 32, 24, 4
+            c.eval_image_size, c.eval_resize = 32, 36
+            c.in_memory, c.shuffle_buffer, c.form = False, 16, 'grouped'
+            c.model_options = {**SHRINK, 'stage_sizes': (1,) * 4}
+            source = sources.make_source(c)
+            batch = next(data.train_batches(c, 24, source=source))
+            key = (c.optimizer, c.loss, c.ema_decay > 0)   # one compile per kind of step
+            if key in losses:
+                continue
+            model = train.build_model(c, 1000)
+            tx = train.create_optimizer(c, 0.1)
+            mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
+            init, abstract, shardings = train.state_layout(c, model, tx, mesh)
+            with jax.set_mesh(mesh):   # traced only: tests/test_modern.py runs such steps
+                p_train, _ = train.make_steps(c, model, tx, mesh, shardings, 1000, 10)
+                state, metrics = jax.eval_shape(p_train, abstract, batch)
+            losses[key] = metrics['loss']
+            assert metrics['loss'].shape == () and state.step.shape == ()
+            assert (state.ema is not None) == (c.ema_decay > 0)
+    assert len(losses) == 2, losses
+
+
+def test_report_of_a_modern_run_shows_the_ema_beside_the_published(tmp_path, capsys):
+    run = tmp_path / 'tv2'
+    run.mkdir()
+    (run / 'config.json').write_text(json.dumps({'name': 'torchvision_v2_resnext50_32x4d'}))
+    (run / 'metrics.jsonl').write_text(json.dumps(
+        {'step': 10, 'split': 'eval', 'loss': 1.0, 'top1': 0.75, 'top5': 0.9, 'ema_top1': 0.8,
+         'ema_top5': 0.95, 'num_examples': 50000, 'num_steps': 10}) + '\n')
+    rows = {r['row']: r for r in tables.results([str(run)])}
+    mine = rows['torchvision_v2_resnext50_32x4d']
+    assert (mine['top1_err'], mine['top5_err']) == (20.0, 5.0)       # the EMA's, not 25 / 10
+    assert mine['paper_top1_err'] == pytest.approx(100 - 81.198)
+    assert mine['status'] == 'done, EMA weights'
+    assert rows['rsb_a1_resnext50_32x4d']['status'] == 'not run'
+    tables.main(['--results', str(run)])
+    line = next(l for l in capsys.readouterr().out.splitlines() if 'torchvision V2' in l
+                and '50' in l)
+    assert '18.80' in line and '20.00' in line and 'done, EMA weights' in line
+    tables.main(['--rows', 'rsb'])
+    assert capsys.readouterr().out.split() == [r.id for r in tables.MODERN_ROWS
+                                               if r.table == 'rsb']

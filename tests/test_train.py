@@ -20,10 +20,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import quickstart
-from helpers import (REPO, TINY, Preempted, assert_trees_close, read_metrics, run_cli,
-                     tiny_config, tiny_config_file)
-from resnext_jax import (GroupedBatchNorm, checkpoint, create_model, data, parallel, sources,
-                         train)
+from helpers import (MODERN, REPO, TINY, Preempted, assert_trees_close, read_metrics, run_cli,
+                     stop_input_at, tiny_config, tiny_config_file)
+from PIL import Image
+from resnext_jax import (GroupedBatchNorm, checkpoint, convert, create_model, data, parallel,
+                         predict, sources, train)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -59,18 +60,18 @@ def test_quickstart_learns_digits(tmp_path):
 # ------------------------------------------------------------------------------ resume
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
-    config = tiny_config(eval_every_epochs=3.5 / 89)  # 89 steps per epoch: eval every 3
+    """Every modern-recipe ingredient on (`helpers.MODERN`: RandAugment, random erasing,
+    repeated augmentation, Mixup/CutMix, drop path, dropout, LAMB, BCE, EMA): a run that dies
+    (the input raises, as a kill -9 would stop it) or takes a preemption notice resumes and
+    ends bit for bit as the uninterrupted one, metrics, parameters and EMA alike; and the EMA
+    weights leave the workdir by every door."""
+    config = tiny_config(**MODERN, eval_every_epochs=3.5 / 89)   # 89 steps/epoch: eval at 3, 6
     full = train.train_and_evaluate(config, tmp_path / 'full')
+    evals = read_metrics(tmp_path / 'full', 'eval')
+    assert [r['step'] for r in evals] == [3, 6] and full['ema_top1'] == evals[-1]['ema_top1']
+    assert all(0 <= r['ema_top1'] <= r['ema_top5'] <= 1 and r['ema_loss'] > 0 for r in evals)
 
-    real_batches = data.train_batches
-
-    def preempted_at_step_6(*args, **kwargs):  # steps 1-5 run; the checkpoint of step 4 is last
-        for i, batch in enumerate(real_batches(*args, **kwargs)):
-            if i == 5:
-                raise Preempted
-            yield batch
-
-    monkeypatch.setattr(data, 'train_batches', preempted_at_step_6)
+    real_batches = stop_input_at(monkeypatch, 5)   # steps 1-5 run; step 4's checkpoint is last
     with pytest.raises(Preempted):
         train.train_and_evaluate(config, tmp_path / 'resumed')
     assert [r['step'] for r in read_metrics(tmp_path / 'resumed')] == [1, 2, 3, 4, 5]
@@ -97,10 +98,38 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     # A finished run re-evaluates and stops; a different global batch is refused.
     assert train.train_and_evaluate(config, tmp_path / 'full') == full
     with pytest.raises(ValueError, match='global_batch_size=16 but the config says 32'):
-        train.train_and_evaluate(tiny_config(batch_size=32), tmp_path / 'full')
-    # Another optimizer's state has another shape: refused by name, not by a tree mismatch.
-    with pytest.raises(ValueError, match="has optimizer='sgd' but the config says 'adamw'"):
-        train.train_and_evaluate(tiny_config(optimizer='adamw'), tmp_path / 'full')
+        train.train_and_evaluate(tiny_config(**MODERN, batch_size=32), tmp_path / 'full')
+    # Another optimizer's state, or none for the EMA, has another shape: refused by name, not
+    # by a tree mismatch.
+    with pytest.raises(ValueError, match="has optimizer='lamb' but the config says 'adamw'"):
+        train.train_and_evaluate(tiny_config(**{**MODERN, 'optimizer': 'adamw'}),
+                                 tmp_path / 'full')
+    with pytest.raises(ValueError, match='ema=True but the config says False'):
+        train.train_and_evaluate(tiny_config(**{**MODERN, 'ema_decay': 0.0}), tmp_path / 'full')
+
+    state = checkpoint.load_checkpoint(tmp_path / 'full')[0]
+    # The EMA weights leave by every door: export, init_from, and evaluated alone they score
+    # what the run reported for them.
+    convert.export_weights(str(tmp_path / 'full'), str(tmp_path / 'ema.npz'), ema=True)
+    _, exported, _ = convert.load_model(str(tmp_path / 'ema.npz'))
+    np.testing.assert_array_equal(exported['params']['head']['kernel'],
+                                  state['ema']['params']['head']['kernel'])
+    assert not np.array_equal(exported['params']['head']['kernel'],
+                              state['params']['head']['kernel'])
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)).save(
+        tmp_path / 'x.png')
+    raw, = predict.predict(str(tmp_path / 'full'), [str(tmp_path / 'x.png')], top=10)
+    averaged, = predict.predict(str(tmp_path / 'full'), [str(tmp_path / 'x.png')], top=10,
+                                ema=True)
+    assert raw[1] != averaged[1]   # other weights, other probabilities
+    again = train.train_and_evaluate(
+        tiny_config(init_from=str(tmp_path / 'full'), init_from_ema=True, eval_only=True),
+        tmp_path / 'ema_eval')
+    assert again['top1'] == full['ema_top1']
+    np.testing.assert_allclose(again['loss'], full['ema_loss'], rtol=1e-6)
+    convert.import_weights(str(tmp_path / 'ema.npz'), str(tmp_path / 'imported'))
+    with pytest.raises(ValueError, match='has no EMA weights'):   # one set of weights only
+        convert.load_model(str(tmp_path / 'imported'), ema=True)
 
 
 # ------------------------------------------------------------------------------ evaluation
