@@ -95,12 +95,10 @@ def train_batches(config, batch_size, *, start_step=0, process_index=0, process_
     lo = process_index * b
 
     width = b * process_count
-    rows = tf.constant(spread_repeats(width, repeats)[lo:lo + b])
+    rows = tf.constant(spread_repeats(width, repeats)[lo:lo + b])   # [lo, lo + b) unless k > 1
 
     def positions(step):   # (stream position, example index) of this process's batch `step`
         ds = _index_stream(source.num_train, seed, step * width, repeats).batch(width)
-        if repeats == 1:
-            return ds.map(lambda p, i: (p[lo:lo + b], i[lo:lo + b]))
         return ds.map(lambda p, i: (tf.gather(p, rows), tf.gather(i, rows)))
 
     def example(p, item):
@@ -208,12 +206,8 @@ def _streamed(source, transform, seed, b, start_step, process_index, process_cou
     ds = ds.map(lambda i, ex: {'image': transform(ex['image'], tf.stack(
         [tf.constant(seed, tf.int64), i * process_count + process_index])),
         'label': tf.cast(ex['label'], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE)
-    if repeats == 1:
-        return _batched(ds, b).as_numpy_iterator()
-    rows = tf.constant(spread_repeats(b, repeats))
-    ds = ds.batch(b, drop_remainder=True).map(
-        lambda batch: tf.nest.map_structure(lambda x: tf.gather(x, rows), batch))
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(sources.deterministic()).as_numpy_iterator()
+    order = spread_repeats(b, repeats) if repeats > 1 else None
+    return _batched(ds, b, order).as_numpy_iterator()
 
 
 def _one(fetch, index):
@@ -222,9 +216,13 @@ def _one(fetch, index):
     return tf.nest.map_structure(lambda x: x[0], items)
 
 
-def _batched(ds, b):
-    ds = ds.batch(b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(sources.deterministic())
+def _batched(ds, b, order=None):
+    """Batches of `b`, their rows reordered by `order` (`spread_repeats`) when given."""
+    ds = ds.batch(b, drop_remainder=True)
+    if order is not None:
+        rows = tf.constant(order)
+        ds = ds.map(lambda batch: tf.nest.map_structure(lambda x: tf.gather(x, rows), batch))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(sources.deterministic())
 
 
 def _next_readable(n, unreadable):

@@ -148,3 +148,22 @@ def test_tfrecord_resume_reads_at_most_one_epoch(prepared, caplog):
             for a, c in zip(resumed, full[late:]):
                 np.testing.assert_array_equal(a['image'], c['image'])
                 np.testing.assert_array_equal(a['label'], c['label'])
+
+
+def test_tfrecord_repeated_augmentation_shows_every_example_k_times(prepared):
+    """A streamed TFRecord split with `repeated_augments` 3: a round of 3 epochs shows every
+    example 3 times, the copies of one example in one batch, in different thirds (devices),
+    and a resumed stream continues it."""
+    k, b = 3, 6
+    config = config_for(prepared['tfrecord'], shuffle_buffer=32, repeated_augments=k)
+    source = sources.make_source(config)
+    assert isinstance(source, sources.TfdsSource)
+    batches = take(data.train_batches(config, b, source=source), NUM_TRAIN * k // b + 2)
+    ids = np.concatenate([decode_ids(x) for x in batches[:NUM_TRAIN * k // b]])
+    np.testing.assert_array_equal(np.bincount(ids, minlength=NUM_TRAIN), np.full(NUM_TRAIN, k))
+    for batch in ids.reshape(-1, b):
+        thirds = batch.reshape(k, b // k)
+        assert (thirds == thirds[0]).all()
+    resumed = take(data.train_batches(config, b, start_step=7, source=source), 2)
+    for a, c in zip(resumed, batches[7:]):
+        np.testing.assert_array_equal(a['image'], c['image'])
