@@ -39,6 +39,9 @@ def get_config():
     c.auto_augment = ''            # '', 'ta_wide' (TrivialAugment-Wide) or a RandAugment spec
     #                                in timm's notation, e.g. 'rand-m9-n2-mstd0.5'
     c.random_erase = 0.0           # probability of random erasing (random-pixel fill)
+    c.augment_on = 'auto'          # where colour, lighting, auto_augment and erasing run: 'device'
+    #                                (in the jitted step), 'host' (per image, in tf.data) or
+    #                                'auto': 'device', but 'host' for auto_augment on TPUs
     c.repeated_augments = 1        # k > 1: each example k times per epoch-sized stream span
     c.mean = config_dict.placeholder(tuple)  # RGB mean, 0..255 units; None: per dataset
     c.std = config_dict.placeholder(tuple)   # RGB std; None: per dataset (resnext_jax.data)

@@ -1,20 +1,32 @@
-"""Training-step and inference speed of a network on this machine, beside PyTorch.
+"""Training-step and inference speed of a network on this machine, beside PyTorch; a recipe's
+step beside the host cores its input pipeline needs to feed it.
 
     python -m resnext_jax.benchmark --model resnext50_32x4d --batch-size 16 --image-size 224
     python -m resnext_jax.benchmark --model resnext29_8x64d --batch-size 32 --form all --torch
     python -m resnext_jax.benchmark --layer --batch-size 16 --image-size 56 --width 128 --groups 32
+    python -m resnext_jax.benchmark --config=configs/modern.py:rsb_a1_resnext50_32x4d \
+        --config.batch_size=16 --config.dataset=folder:DIR [--seconds=30] [--json]
     python -m resnext_jax.benchmark --input --config=configs/paper.py:table3_resnext50_32x4d \
         --config.data_dir=DIR [--seconds=30] [--json]
 
-A training step is the whole jitted update of `resnext_jax.train.train_step`: forward,
+A training step is the whole jitted update of `resnext_jax.step.train_step`: forward,
 backward, SGD with momentum and weight decay, BN statistics; the state is donated, the batch
 sharded over every local device. Inference is the jitted eval-mode forward pass. Each figure is
 the median over `--steps` timed calls after `--warmup` untimed ones (the first call, which
-compiles, is timed separately). Memory is the device's peak where it reports one (GPU, TPU),
-else what XLA plans for the compiled step (arguments + outputs + temporaries). `--torch` times
+compiles, is timed separately). Memory: the device's peak bytes in use, read after the timed
+steps, where the device reports it (GPU, TPU; for the whole process, so `--mode train` gives
+the training step's alone), and beside it what XLA planned for the compiled step (arguments
++ outputs − donated + temporaries). `--torch` times
 the same network built from torchvision's `ResNet` (groups, width_per_group) in the same
 process, channels_last, with `torch.optim.SGD`, on the device kind JAX uses (CPU, or CUDA for a
-GPU; `torch_device`); torch and torchvision are an optional extra.
+GPU; `torch_device`; its peak is `torch.cuda.max_memory_allocated`); torch and torchvision are
+an optional extra.
+
+`--config` (a training recipe) times the step train.py would compile for it (`step.make_steps`:
+its network, dtype, optimizer, loss, Mixup/CutMix, EMA and, with `augment_on='device'`, its
+per-pixel augmentation) on uint8 batches of `--config.batch_size`, then its input pipeline's
+training images/s per busy host core, and divides the one by the other: the host cores it
+takes to keep the step fed.
 `--layer` times one 3×3 grouped convolution in every form instead of a network. `--input`
 times the input pipeline of a training config alone (`resnext_jax.data`: reading, decoding,
 augmentation, batching) for training and for evaluation, with this host's batch
@@ -59,7 +71,8 @@ class Row:
     train_images_per_sec: float | None = None
     infer_images_per_sec: float | None = None
     compile_sec: float | None = None
-    memory_mb: float | None = None
+    peak_memory_mb: float | None = None      # the device's peak, after the timed steps
+    planned_memory_mb: float | None = None   # XLA's plan for the compiled step
     mfu: float | None = None
 
 
@@ -84,10 +97,20 @@ def _peak_flops():
                  if k.lower() in kind.lower()), None)
 
 
-def _memory_mb(compiled):
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if 'peak_bytes_in_use' in stats:
-        return stats['peak_bytes_in_use'] / 2**20
+def _memory_stats():
+    return jax.local_devices()[0].memory_stats() or {}
+
+
+def peak_memory_mb():
+    """The first local device's peak bytes in use so far, in MiB; None where the device reports
+    none (CPU). Read it after the work it should cover."""
+    stats = _memory_stats()
+    return stats['peak_bytes_in_use'] / 2**20 if 'peak_bytes_in_use' in stats else None
+
+
+def planned_memory_mb(compiled):
+    """What XLA planned for a compiled program per device: arguments + outputs − the donated
+    arguments reused for outputs + temporaries, in MiB (None where it does not say)."""
     m = compiled.memory_analysis()
     if m is None:
         return None
@@ -95,8 +118,24 @@ def _memory_mb(compiled):
             - m.alias_size_in_bytes) / 2**20
 
 
+def time_train_step(row, jitted, state, batch, steps, warmup):
+    """Compiles `jitted` (a train step that donates its state) for (state, batch), records the
+    compile seconds and XLA's plan in `row`, and returns the median seconds of `steps` steps
+    after `warmup` (`_median_time`), each timed to its metrics."""
+    t = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    row.compile_sec = time.perf_counter() - t
+    row.planned_memory_mb = planned_memory_mb(compiled)
+
+    def run():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+    return _median_time(run, steps, warmup)[1]
+
+
 def bench_jax(name, batch_size, image_size, form, mode, dtype, steps, warmup, bn_group_size=0):
-    from resnext_jax import train  # noqa: PLC0415 (train pulls in TensorFlow)
+    from resnext_jax import step as step_lib
     model = create_model(name, form=form, dtype=dtype, bn_group_size=bn_group_size or None)
     row = Row('jax', form if form != 'auto' else f'auto={resolve_form(form)}')
     mesh = parallel.make_mesh()
@@ -112,33 +151,27 @@ def bench_jax(name, batch_size, image_size, form, mode, dtype, steps, warmup, bn
     macs = peak and sum(macs_by_scope(create_model(name, form='grouped').apply, variables,
                                       images[:1]).values())
     if mode in ('infer', 'both'):
-        infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        infer = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+            variables, images).compile()
+        row.planned_memory_mb = planned_memory_mb(infer)
         _, dt = _median_time(lambda: jax.block_until_ready(infer(variables, images)),
                              steps, warmup)
         row.infer_images_per_sec = batch_size / dt
     if mode in ('train', 'both'):
         config = ml_collections.ConfigDict(dict(weight_decay=1e-4, decay_bn_and_bias=True,
                                                 momentum=0.9, nesterov=False))
-        tx = train.create_optimizer(config, 0.1)
-        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+        tx = step_lib.create_optimizer(config, 0.1)
+        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                                  batch_stats=variables['batch_stats'],
                                  opt_state=tx.init(variables['params']))
-        step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx),
+        step = jax.jit(lambda s, b: step_lib.train_step(s, b, model=model, tx=tx),
                        donate_argnums=0)
-        batch = {'image': images, 'label': labels}
-        t = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        row.compile_sec = time.perf_counter() - t
-        row.memory_mb = _memory_mb(compiled)
-
-        def run():
-            nonlocal state
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-        _, dt = _median_time(run, steps, warmup)
+        dt = time_train_step(row, step, state, {'image': images, 'label': labels}, steps,
+                             warmup)
         row.train_images_per_sec = batch_size / dt
         if peak:  # the model's FLOPs: 2 per multiply-add, backward twice the forward
             row.mfu = 3 * 2 * macs * batch_size / dt / (peak * jax.device_count())
+    row.peak_memory_mb = peak_memory_mb()   # after the timed work, not after compiling
     return row
 
 
@@ -219,6 +252,8 @@ def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
             sync()
         _, dt = _median_time(infer, steps, warmup)
         row.infer_images_per_sec = batch_size / dt
+    if device == 'cuda':
+        row.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
@@ -257,14 +292,15 @@ def _fmt(v, spec):
 
 def format_rows(rows, torch_row=None):
     head = (f"{'framework':9} {'form':24} {'train img/s':>11} {'infer img/s':>11} "
-            f"{'compile s':>9} {'memory MB':>9} {'MFU':>6}")
+            f"{'compile s':>9} {'peak MB':>9} {'plan MB':>9} {'MFU':>6}")
     if torch_row:
         head += f" {'train ×torch':>12} {'infer ×torch':>12}"
     lines = [head]
     for r in rows:
         line = (f'{r.framework:9} {r.form:24} {_fmt(r.train_images_per_sec, "11.2f")} '
                 f'{_fmt(r.infer_images_per_sec, "11.2f")} {_fmt(r.compile_sec, "9.1f")} '
-                f'{_fmt(r.memory_mb, "9.0f")} {_fmt(r.mfu and 100 * r.mfu, "5.1f%")}')
+                f'{_fmt(r.peak_memory_mb, "9.0f")} {_fmt(r.planned_memory_mb, "9.0f")} '
+                f'{_fmt(r.mfu and 100 * r.mfu, "5.1f%")}')
         if torch_row and r is not torch_row:
             ratio = lambda a, b: a / b if a and b else None  # noqa: E731
             line += (f' {_fmt(ratio(r.train_images_per_sec, torch_row.train_images_per_sec), "12.2f")}'
@@ -313,54 +349,154 @@ def source_kind(source):
     return 'in memory' + (', encoded' if getattr(source, 'encoding', None) else '')
 
 
-def input_main(argv):
-    """`--input`: absl flags, so that --config=FILE[:ROW] and --config.FIELD=VALUE read as in
-    train.py."""
+def bench_recipe(config, num_classes, steps, warmup):
+    """The training step train.py compiles for `config` (`step.make_steps`: with its per-pixel
+    augmentation when `augment_on='device'`), timed on random uint8 (or, fed from a host that
+    adds colour noise, bfloat16) batches of `config.batch_size` over every local device: a
+    `Row` with train images/s, compile seconds and memory."""
+    from resnext_jax import image_settings, step as step_lib
+    mesh = parallel.make_mesh()
+    model = step_lib.build_model(config, num_classes)
+    tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1000, 90_000))
+    init, _, shardings = step_lib.state_layout(config, model, tx, mesh)
+    size, b = config.image_size, config.batch_size
+    rng = np.random.default_rng(0)
+    feed = jnp.dtype(image_settings.feed_dtype(config, True))
+    batch = jax.device_put(
+        {'image': rng.integers(0, 256, (b, size, size, 3)).astype(feed),
+         'label': rng.integers(0, num_classes, b).astype(np.int32)},
+        parallel.batch_sharding(mesh))
+    row = Row('jax', f'{config.form}, {config.dtype}')
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+        p_train, _ = step_lib.make_steps(config, model, tx, mesh, shardings, num_classes, 1000)
+        dt = time_train_step(row, p_train, state, batch, steps, warmup)
+    row.train_images_per_sec = b / dt
+    row.peak_memory_mb = peak_memory_mb()
+    return row
+
+
+def describe_augmentation(config):
+    """The per-pixel training augmentation of `config` and where it runs, in words."""
+    from resnext_jax import image_settings
+    parts = [f'colour jitter {config.color_jitter}' if config.color_jitter else '',
+             f'PCA lighting {config.pca_lighting}' if config.pca_lighting else '',
+             config.get('auto_augment', ''),
+             f"random erasing {config.random_erase}" if config.get('random_erase', 0.0) else '']
+    parts = [p for p in parts if p]
+    if not parts:
+        return 'no per-pixel augmentation'
+    where = 'in the step' if image_settings.on_device(config) else 'on the host'
+    return f"{', '.join(parts)} {where} (augment_on='{config.get('augment_on', 'auto')}')"
+
+
+def config_main(argv, input_only):
+    """`--config` (a recipe's step and the host cores that feed it) and `--input` (its input
+    pipeline alone): absl flags, so that --config=FILE[:ROW] and --config.FIELD=VALUE read as
+    in train.py."""
     from absl import app, flags
     from ml_collections import config_flags
     config_flags.DEFINE_config_file('config', None, 'Training recipe, e.g. configs/paper.py:ROW.')
-    flags.DEFINE_float('seconds', 30.0, 'Seconds timed per part, after the first batch.')
+    flags.DEFINE_float('seconds', 30.0, 'Seconds the input pipeline is timed per part, after '
+                                        'its first batch.')
     flags.DEFINE_boolean('json', False, 'Print one JSON object.')
-    flags.DEFINE_boolean('input', True, 'Time the input pipeline.')
+    flags.DEFINE_boolean('input', False, 'Time the input pipeline alone.')
+    flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).', lower_bound=1)
+    flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first.', lower_bound=0)
+    flags.DEFINE_integer('num-classes', None, "Default: the dataset's.", lower_bound=1)
 
     def run(_):
         config, seconds = flags.FLAGS.config, flags.FLAGS.seconds
         if config is None:
-            sys.exit('error: --input needs --config=configs/NAME.py[:ROW]')
+            sys.exit(f"error: {'--input' if input_only else '--config'} needs "
+                     '--config=configs/NAME.py[:ROW]')
         if not (math.isfinite(seconds) and seconds > 0):
             sys.exit(f'error: --seconds {seconds} is not a finite number > 0: pass e.g. '
                      '--seconds=30')
-        from resnext_jax import sources, validate   # TensorFlow starts now
+        from resnext_jax import validate
         try:
             validate.check_config(config)
-            source = sources.make_source(config)
+            if not input_only and config.batch_size % jax.device_count():
+                raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                                 f'{jax.device_count()} devices: fix --config.batch_size')
+            try:
+                from resnext_jax import sources   # TensorFlow starts now
+            except ImportError as e:
+                if input_only:
+                    raise ValueError(f'--input needs TensorFlow ({e})') from None
+                source = None   # the step alone, where no TensorFlow is installed
+            else:
+                source = sources.make_source(config)
         except ValueError as e:
             sys.exit(f'error: {e}')
-        rows = [bench_input(config, part, seconds, source)
-                for part in ('train', 'eval')]
-        cores = os.cpu_count()
-        if flags.FLAGS.json:
-            print(json.dumps(dict(dataset=config.dataset, source=source_kind(source),
-                                  batch_size=config.batch_size, image_size=config.image_size,
-                                  augment=config.augment, cpu_count=cores, rows=rows), indent=1))
-            return
-        print(f'input pipeline: {config.dataset} ({source_kind(source)}), batch '
-              f'{config.batch_size}, {config.image_size}×{config.image_size}, augment '
-              f'{config.augment}, {cores} CPU cores on this host')
-        print('| part | images/s | CPU cores busy | images/s per core |')
-        print('|---|---:|---:|---:|')
-        for r in rows:
-            print(f"| {r['part']} | {r['images_per_sec']:.0f} | {r['cpu_cores']:.2f} | "
-                  f"{r['images_per_core_sec']:.0f} |")
+        if input_only:
+            rows = [bench_input(config, part, seconds, source) for part in ('train', 'eval')]
+            return print_input(config, source, rows, flags.FLAGS.json)
+        num_classes = (flags.FLAGS['num-classes'].value
+                       or (source.num_classes if source else 1000))
+        row = bench_recipe(config, num_classes, flags.FLAGS.steps, flags.FLAGS.warmup)
+        feed = bench_input(config, 'train', seconds, source) if source else None
+        print_recipe(config, source, num_classes, row, feed, flags.FLAGS.json)
 
     app.run(run, argv=argv, flags_parser=functools.partial(
         cli.parse_flags, hint='python -m resnext_jax.benchmark --help describes every option'))
 
 
+def print_input(config, source, rows, as_json):
+    cores = os.cpu_count()
+    if as_json:
+        print(json.dumps(dict(dataset=config.dataset, source=source_kind(source),
+                              batch_size=config.batch_size, image_size=config.image_size,
+                              augment=config.augment, augmentation=describe_augmentation(config),
+                              cpu_count=cores, rows=rows), indent=1))
+        return
+    print(f'input pipeline: {config.dataset} ({source_kind(source)}), batch '
+          f'{config.batch_size}, {config.image_size}×{config.image_size}, augment '
+          f'{config.augment}, {describe_augmentation(config)}, {cores} CPU cores on this host')
+    print('| part | images/s | CPU cores busy | images/s per core |')
+    print('|---|---:|---:|---:|')
+    for r in rows:
+        print(f"| {r['part']} | {r['images_per_sec']:.0f} | {r['cpu_cores']:.2f} | "
+              f"{r['images_per_core_sec']:.0f} |")
+
+
+def print_recipe(config, source, num_classes, row, feed, as_json):
+    """The recipe's step, its input pipeline per host core, and the cores that feed the one
+    with the other."""
+    from resnext_jax import image_settings
+    env = environment()
+    cores = feed and row.train_images_per_sec / feed['images_per_core_sec']
+    if as_json:
+        print(json.dumps(dict(
+            environment=env, recipe=config.name, model=config.model, num_classes=num_classes,
+            batch_size=config.batch_size, image_size=config.image_size, dtype=config.dtype,
+            augment_on=config.get('augment_on', 'auto'),
+            augment_place=image_settings.augment_place(config),
+            augmentation=describe_augmentation(config), step=dataclasses.asdict(row),
+            input=feed and dict(feed, dataset=config.dataset, source=source_kind(source)),
+            host_cores_to_feed=cores), indent=1))
+        return
+    print(f"{config.name or 'config'}: {config.model}, batch {config.batch_size}, "
+          f"{config.image_size}×{config.image_size}, {config.dtype}, "
+          f"{describe_augmentation(config)}; {env['backend']} ({env['device']}, "
+          f"{env['device_count']} device(s)), {env['cpu_count']} CPU cores, jax {env['jax']}")
+    print(f'  step    {row.train_images_per_sec:.2f} images/s (median of the timed steps), '
+          f'compiled in {row.compile_sec:.1f} s; memory MB: peak '
+          f'{_fmt(row.peak_memory_mb, ".0f")}, planned {_fmt(row.planned_memory_mb, ".0f")}')
+    if feed is None:
+        print('  input   not timed: TensorFlow is not installed')
+        return
+    print(f"  input   {feed['images_per_core_sec']:.0f} training images/s per busy host core "
+          f"({feed['images_per_sec']:.0f} images/s on {feed['cpu_cores']:.2f} cores; "
+          f'{config.dataset}, {source_kind(source)})')
+    print(f"  feeding {row.train_images_per_sec:.2f} / {feed['images_per_core_sec']:.0f} = "
+          f'{cores:.2f} host cores keep the step fed')
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if '--input' in argv:
-        return input_main([sys.argv[0]] + argv)
+    if '--input' in argv or any(a.startswith('--config') for a in argv):
+        return config_main([sys.argv[0]] + argv, input_only='--input' in argv)
     p = cli.ArgumentParser(prog='python -m resnext_jax.benchmark',
                            description=__doc__.split('\n\n')[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -389,17 +525,22 @@ def main(argv=None):
     p.add_argument('--groups', type=cli.integer(1), default=32,
                    help='--layer: groups, a divisor of --width')
     p.add_argument('--json', action='store_true', help='print one JSON object')
-    # Read by absl in input_main, as train.py reads them; here for --help, and refused alone.
-    p.add_argument('--input', action='store_true',
-                   help='time the input pipeline of --config instead of a network (with '
-                        '--config.FIELD=VALUE overrides, --seconds and --json only)')
+    # Read by absl in config_main, as train.py reads them; here for --help.
     p.add_argument('--config', metavar='FILE[:ROW]',
-                   help='--input: training recipe, e.g. configs/paper.py:ROW')
+                   help='a training recipe, e.g. configs/modern.py:ROW (with '
+                        '--config.FIELD=VALUE overrides): time the step train.py compiles for '
+                        'it, its augmentation included, and its input pipeline per host core; '
+                        'with --steps, --warmup, --seconds, --num-classes and --json only')
+    p.add_argument('--input', action='store_true',
+                   help='with --config: time its input pipeline alone, training and evaluation')
     p.add_argument('--seconds', type=float, metavar='S',
-                   help='--input: seconds timed per part, after the first batch (default: 30)')
+                   help='--config: seconds the input pipeline is timed, after its first batch '
+                        '(default: 30)')
+    p.add_argument('--num-classes', type=cli.integer(1), metavar='N',
+                   help="--config: classes of the network (default: the dataset's)")
     args = p.parse_args(argv)
-    if args.config is not None or args.seconds is not None:
-        p.error('--config and --seconds time the input pipeline: add --input')
+    if args.seconds is not None or args.num_classes is not None:
+        p.error('--seconds and --num-classes go with --config')
 
     try:
         spec = model_spec(args.model)

@@ -33,6 +33,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src import asyncio_utils as orbax_asyncio
 
+from resnext_jax import image_settings
+
 # What a checkpoint's state must agree on with the run that restores it ('optimizer': its state
 # has another shape; checkpoints written before it was recorded are not asked).
 MUST_MATCH = ('model', 'model_options', 'num_classes', 'global_batch_size', 'optimizer', 'ema')
@@ -45,11 +47,11 @@ class Preempted(Exception):
 def run_meta(config, num_classes, class_names=None):
     """The JSON saved beside every state: what the state is, and how to feed it images (the
     preprocessing travels with the weights, as timm's pretrained configs do)."""
-    from resnext_jax import preprocess   # noqa: PLC0415 (TensorFlow: only here)
     return {'model': config.model, 'model_options': _plain(dict(config.model_options)),
             'num_classes': int(num_classes), 'global_batch_size': config.batch_size,
             'optimizer': config.get('optimizer', 'sgd'),
-            'ema': bool(config.get('ema_decay', 0.0)), **_plain(preprocess.eval_settings(config)),
+            'ema': bool(config.get('ema_decay', 0.0)),
+            **_plain(image_settings.eval_settings(config)),
             **({'class_names': list(class_names)} if class_names else {})}
 
 

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax import checkpoint, cli
+from resnext_jax.image_settings import EVAL_FIELDS
 from resnext_jax.models import create_model
 
 STATE_DICT_FILES = ('.pth', '.pt', '.safetensors', '.npz')
@@ -59,10 +60,8 @@ _MODULES = {'stem/conv': 'conv1', 'stem/bn': 'bn1', 'head': 'fc', 'proj_conv': '
             'proj_bn': 'downsample.1'}
 _TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}   # HWIO → OIHW, (in, out) → (out, in)
 META_KEY = 'resnext_jax'   # the metadata entry of exported .safetensors and .npz files
-# What an exported file records: the model, its classes and its evaluation preprocessing
-# (`preprocess.EVAL_FIELDS`, listed here so that converting needs no TensorFlow).
-FILE_META = ('model', 'model_options', 'num_classes', 'class_names', 'dataset', 'image_size',
-             'eval_image_size', 'eval_resize', 'augment', 'mean', 'std')
+# What an exported file records: the model, its classes and its evaluation preprocessing.
+FILE_META = ('model', 'model_options', 'num_classes', 'class_names', *EVAL_FIELDS)
 
 
 # ------------------------------------------------------------------------------ the mapping

@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from resnext_jax import preprocess, sources
+from resnext_jax import image_settings, preprocess, sources
 
 
 def num_eval_batches(info_or_num_eval, batch_size, process_count) -> int:
@@ -76,8 +76,8 @@ def _check_process(process_index, process_count):
 def train_batches(config, batch_size, *, start_step=0, process_index=0, process_count=1,
                   source=None) -> Iterator[dict]:
     """Endless process-local batches {'image': (b, S, S, 3), 'label': i32 (b,)}: pixels before
-    normalisation, uint8 or bfloat16 (`preprocess.feed_dtype`), which the jitted step normalises
-    (`train.normalise`)."""
+    normalisation, uint8 or bfloat16 (`image_settings.feed_dtype`), which the jitted step
+    augments per pixel (`augment_on='device'`: `resnext_jax.augment`) and normalises."""
     _check_process(process_index, process_count)
     source = source or sources.make_source(config)
     if batch_size * process_count > source.num_train:
@@ -133,7 +133,7 @@ def eval_batches(config, batch_size, *, process_index=0, process_count=1,
     transform = preprocess.preprocess_fn(config, False, getattr(source, 'encoding', 'bytes'),
                                          normalise=False)
     no_seed = tf.zeros([2], tf.int64)
-    size = preprocess.eval_size(config)
+    size = image_settings.eval_size(config)
     padding = {'image': tf.zeros([size, size, 3], tf.uint8), 'label': tf.constant(0),
                'mask': tf.constant(0.0)}
     num_batches = num_eval_batches(source.num_eval, batch_size, process_count)

@@ -3,7 +3,7 @@
     python -m resnext_jax.plan --config=configs/paper.py:table3_resnext50_32x4d --topology=v5e-8 \\
         --config.dtype=bfloat16 [--form=all] [--max-batch] [--eval] [--json] [--num-slices=2]
 
-libtpu (`pip install -e '.[tpu]'`) compiles the steps train.py runs (`train.make_steps`, the
+libtpu (`pip install -e '.[tpu]'`) compiles the steps train.py runs (`step.make_steps`, the
 state placed by `parallel.state_shardings` with the config's `fsdp` settings, the global batch
 `config.batch_size` split over 'data' on a one-axis mesh of every chip of the slice) for the
 slice's chips (`resnext_jax.tpus`). The compiled program tells, per chip:
@@ -93,41 +93,44 @@ def model_macs(config, num_classes, image_size):
 
 
 def tpu_config(config, form=None):
-    """`config` as train.py would run it on a TPU: 'auto' resolved for the TPU backend."""
+    """`config` as train.py would run it on a TPU: 'auto' form and augmentation place resolved
+    for the TPU backend."""
     from resnext_jax.aggregated import resolve_form
+    from resnext_jax.image_settings import augment_place
     config = config.copy_and_resolve_references()
     config.form = resolve_form(form or config.form, backend='tpu')
+    config.augment_on = augment_place(config, backend='tpu')
     return config
 
 
 def compile_step(config, mesh, num_classes, global_batch, step=TRAIN):
     """The compiled train (or eval) step of train.py for `mesh`, and the seconds it took."""
     import jax
-    import jax.numpy as jnp
-    from resnext_jax import parallel, train
-    model = train.build_model(config, num_classes)
-    tx = train.create_optimizer(
-        config, train.learning_rate_schedule(config, STEPS_PER_EPOCH, STEPS_PER_EPOCH * 90))
-    _, abstract, shardings = train.state_layout(config, model, tx, mesh)   # as train.py's
+    from resnext_jax import parallel, step as step_lib
+    model = step_lib.build_model(config, num_classes)
+    tx = step_lib.create_optimizer(
+        config, step_lib.learning_rate_schedule(config, STEPS_PER_EPOCH, STEPS_PER_EPOCH * 90))
+    _, abstract, shardings = step_lib.state_layout(config, model, tx, mesh)   # as train.py's
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)
     batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.batch_sharding(mesh))
              for k, s in batch_shapes(config, global_batch, size, step).items()}
     t = time.perf_counter()
-    with jax.set_mesh(mesh):  # as train.py traces them: `train.make_steps`
-        p_train, p_eval = train.make_steps(config, model, tx, mesh, shardings, num_classes,
-                                           STEPS_PER_EPOCH)
+    with jax.set_mesh(mesh):  # as train.py traces them: `step.make_steps`
+        p_train, p_eval = step_lib.make_steps(config, model, tx, mesh, shardings, num_classes,
+                                              STEPS_PER_EPOCH)
         compiled = (p_train if step == TRAIN else p_eval).lower(state, batch).compile()
     return compiled, time.perf_counter() - t
 
 
 def batch_shapes(config, global_batch, size, step=TRAIN):
     """{name: ShapeDtypeStruct} of the batch the host feeds a step (`data`'s batches): pixels
-    as `preprocess.feed_dtype` sends them, normalised on the chip."""
+    as `image_settings.feed_dtype` sends them, augmented (`augment_on='device'`) and normalised
+    on the chip."""
     import jax
     import jax.numpy as jnp
-    from resnext_jax.preprocess import feed_dtype
+    from resnext_jax.image_settings import feed_dtype
     pixels = jnp.dtype(feed_dtype(config, step == TRAIN))
     shapes = {'image': ((global_batch, size, size, 3), pixels),
               'label': ((global_batch,), jnp.int32)}

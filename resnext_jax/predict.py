@@ -25,7 +25,7 @@ from resnext_jax import cli, convert
 
 import tensorflow as tf   # after cli: quiet (cli's doc)
 
-from resnext_jax import preprocess
+from resnext_jax import image_settings, preprocess
 
 
 def imagenet_class_names():
@@ -63,7 +63,7 @@ def with_preprocessing(meta, preprocessing=None, image_size=None):
         if preprocessing not in PREPROCESSING:
             raise ValueError(f'unknown preprocessing {preprocessing!r}: use one of '
                              f'{", ".join(PREPROCESSING)}')
-        meta = {k: v for k, v in meta.items() if k not in preprocess.EVAL_FIELDS}
+        meta = {k: v for k, v in meta.items() if k not in image_settings.EVAL_FIELDS}
         meta.update(PREPROCESSING[preprocessing])
     if image_size is not None:
         meta.update(image_size=image_size, eval_image_size=image_size, eval_resize=None)
@@ -71,13 +71,13 @@ def with_preprocessing(meta, preprocessing=None, image_size=None):
 
 
 def eval_config(meta):
-    """The config fields evaluation preprocessing reads (`preprocess.EVAL_FIELDS`), from a
+    """The config fields evaluation preprocessing reads (`image_settings.EVAL_FIELDS`), from a
     checkpoint's metadata; what it lacks (converted weights record only the model) is
     ImageNet's, as configs/default.py has it (eval size and statistics then follow from the
     dataset and image size)."""
     imagenet = {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet'}
     return ml_collections.ConfigDict(
-        {k: meta.get(k) or imagenet.get(k) for k in preprocess.EVAL_FIELDS})
+        {k: meta.get(k) or imagenet.get(k) for k in image_settings.EVAL_FIELDS})
 
 
 def load_image(path, meta=None):
@@ -106,9 +106,9 @@ def predict(checkpoint, images, model=None, model_options=None, top=5, preproces
     batch = np.stack([load_image(path, meta) for path in images])
     if not preprocessing and not all(meta.get(k) for k in RECORDED):
         config = eval_config(meta)
-        size = preprocess.eval_size(config)
+        size = image_settings.eval_size(config)
         print(f'warning: {checkpoint} records no preprocessing, so images get ImageNet\'s '
-              f'(shorter side to {preprocess.eval_resize(config)}, centre {size}×{size} crop, '
+              f'(shorter side to {image_settings.eval_resize(config)}, centre {size}×{size} crop, '
               f'ImageNet mean and std): pass --preprocessing {"|".join(PREPROCESSING)} if it '
               'was trained otherwise', file=sys.stderr)
     probs = np.asarray(jax.nn.softmax(jax.jit(net.apply)(variables, batch)))

@@ -2,36 +2,27 @@
 paper's scale and aspect crop, colour and lighting noise, CIFAR's pad-and-crop, flips, then
 RandAugment / TrivialAugment-Wide and random erasing, `resnext_jax.autoaugment`) and
 evaluation's resize and centre crop, all TensorFlow ops for tf.data. Pixels are float32 in
-0..255 until normalised by (x - mean) / std. The input pipeline sends them to the devices
-unnormalised in the smallest type that holds them to half a grey level (`feed_dtype`: uint8, a
-quarter of float32's bytes, or bfloat16 where colour noise leaves 0..255) and the jitted steps
-normalise them there (`resnext_jax.train.normalise`); `predict` normalises here. Importing this
-module keeps TensorFlow off the accelerators, which belong to JAX."""
-import tensorflow as tf
-from absl import logging
+0..255 until normalised by (x - mean) / std.
 
-from resnext_jax import autoaugment
+Where the per-pixel augmentation runs in the step (`image_settings.augment_place`: the
+default 'auto' except for auto-augment on TPUs) training stops after the crop, resize and
+flip: the rest (colour and lighting noise, RandAugment / TrivialAugment-Wide, random erasing)
+runs on the accelerators (`resnext_jax.augment`), which doubles the images a host core feeds.
+The input pipeline sends the pixels unnormalised in the smallest type that holds them to half a
+grey level (`image_settings.feed_dtype`: uint8, a quarter of float32's bytes, or bfloat16
+where the host's colour noise or erasing leaves 0..255) and the jitted steps normalise them
+there (`resnext_jax.step.normalise`); `predict` normalises here. Importing this module keeps
+TensorFlow off the accelerators, which belong to JAX."""
+import tensorflow as tf
+
+from resnext_jax import autoaugment, policies
+from resnext_jax.image_settings import (AUGMENTS, PCA_EIGVAL, PCA_EIGVEC, eval_resize, eval_size,
+                                        feed_dtype, normalisation, on_device)
 
 try:  # TensorFlow only feeds the host; the accelerators belong to JAX.
     tf.config.set_visible_devices([], 'GPU')
 except (RuntimeError, ValueError):
     pass
-
-AUGMENTS = ('imagenet', 'cifar', 'none')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')   # what `_decode` reads from files
-IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-NORMALISATION = {  # 0..255 units; the ImageNet statistics for every other dataset.
-    'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-    'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
-    'mnist': ((33.3,) * 3, (78.6,) * 3),
-    'digits': ((77.8,) * 3, (95.9,) * 3),  # measured on all 1797 images scaled to 0..255
-}
-# The config fields evaluation preprocessing reads (what a checkpoint's metadata records).
-EVAL_FIELDS = ('dataset', 'image_size', 'eval_image_size', 'eval_resize', 'augment', 'mean',
-               'std')
-# PCA of ImageNet RGB pixels (0..1 units), for the official code's lighting noise.
-PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 
 def _decode(data, encoding):
@@ -120,68 +111,13 @@ def _colour(image, seed, strength, lighting):
     return image
 
 
-def normalisation(config):
-    """(mean, std) per channel in 0..255 units: the config's `mean` / `std`, else the dataset's
-    (NORMALISATION), else ImageNet's."""
-    base = config.dataset.split(':')[0].split('/')[0]
-    mean, std = NORMALISATION.get(base, (IMAGENET_MEAN, IMAGENET_STD))
-    return tuple(config.mean or mean), tuple(config.std or std)
-
-
-def eval_size(config):
-    """The side of the evaluation crop: `eval_image_size`, else `image_size`."""
-    return config.eval_image_size or config.image_size
-
-
-def eval_resize(config):
-    """The shorter side that evaluation resizes to before its centre crop ('imagenet' augment):
-    `eval_resize`, else the crop × 256/224 (the paper's 256 → 224), so changing the crop keeps
-    the ratio."""
-    return config.eval_resize or round(eval_size(config) * 256 / 224)
-
-
-def eval_settings(config):
-    """{field: value} of `EVAL_FIELDS`, resolved (what a checkpoint's metadata records)."""
-    mean, std = normalisation(config)
-    return {'dataset': config.dataset, 'image_size': config.image_size,
-            'eval_image_size': eval_size(config), 'eval_resize': eval_resize(config),
-            'augment': config.augment, 'mean': mean, 'std': std}
-
-
-def as_trained(config, meta, weights):
-    """`config` with the augment and normalisation that checkpoint metadata `meta` records (how
-    the weights in `weights` learned to see images), for evaluating them (`eval_only`); the eval
-    crop stays the config's, a test-time choice (e.g. the paper's 320 × 320 test)."""
-    ours = dict(zip(('augment', 'mean', 'std'), (config.augment, *normalisation(config))))
-    trained = {k: tuple(meta[k]) if k != 'augment' else meta[k] for k in ours if meta.get(k)}
-    changed = {k: v for k, v in trained.items() if v != ours[k]}
-    if not changed:
-        return config
-    logging.warning('evaluating %s as it was trained, with %s (the config says %s)', weights,
-                    ', '.join(f'{k} {v}' for k, v in changed.items()),
-                    ', '.join(f'{k} {ours[k]}' for k in changed))
-    config = config.copy_and_resolve_references()
-    config.update(changed)
-    return config
-
-
-def feed_dtype(config, train):
-    """The type of the unnormalised pixels the input pipeline sends: uint8, or bfloat16 for
-    training with colour jitter or PCA lighting, whose pixels may leave 0..255 (the official
-    code does not clip them), or random erasing, whose fill (mean + std·N(0, 1)) leaves it.
-    bfloat16's 8 significant bits hold 0..255 to half a grey level as rounding to uint8 does
-    (one level from 256 to 512), at half of float32's bytes."""
-    if not train:   # evaluation configs hold only EVAL_FIELDS (predict builds them)
-        return 'uint8'
-    leaves = config.color_jitter or config.pca_lighting or config.get('random_erase', 0.0)
-    return 'bfloat16' if leaves else 'uint8'
-
-
 def preprocess_fn(config, train, encoding, normalise=True):
     """f(data, seed) -> normalised float32 (S, S, 3), as the config's training (`train`) or
-    evaluation preprocesses an example; seed is a stateless [2] seed (unused by evaluation).
-    `normalise=False` returns the pixels before normalisation as the input pipeline feeds the
-    devices, in `feed_dtype`: uint8 rounded to the nearest integer, or bfloat16.
+    evaluation preprocesses an example on the host; seed is a stateless [2] seed (unused by
+    evaluation). `normalise=False` returns the pixels before normalisation as the input
+    pipeline feeds the devices, in `feed_dtype`: uint8 rounded to the nearest integer, or
+    bfloat16. Training a config that augments on the device (`image_settings.on_device`) stops
+    after the crop, resize and flip: the rest is the step's (`resnext_jax.augment`).
     `encoding`: None for pixel arrays, 'file' for paths, 'bytes' for PNG/JPEG bytes. Evaluation
     reads only `EVAL_FIELDS`: `predict` builds them from a checkpoint's metadata, so images are
     fed to the weights as in training. Training then applies `auto_augment` to the whole-number
@@ -193,14 +129,18 @@ def preprocess_fn(config, train, encoding, normalise=True):
     mean, std = (tf.constant(v, tf.float32) for v in normalisation(config))
     jitter, lighting, pad = ((config.color_jitter, config.pca_lighting, config.crop_padding)
                              if train else (0.0, 0.0, 0))
+    host = train and not on_device(config)   # the per-pixel training augmentation here
+    if not host:
+        jitter = lighting = 0.0
     pad = size // 8 if pad is None else pad
     resize = eval_resize(config) if augment == 'imagenet' and not train else None
     feed = feed_dtype(config, train)
     try:
-        policy = autoaugment.parse(config.get('auto_augment', '')) if train else None
+        policy = policies.parse(config.get('auto_augment', '')) if train else None
     except ValueError as e:
         raise ValueError(f'{e}: fix --config.auto_augment') from None
-    erase = config.get('random_erase', 0.0) if train else 0.0
+    erase = config.get('random_erase', 0.0) if host else 0.0
+    policy = policy if host else None
     fill = normalisation(config)[0]
 
     def preprocess(data, seed):

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from resnext_jax.preprocess import IMAGE_EXTENSIONS
+from resnext_jax.image_settings import IMAGE_EXTENSIONS
 
 MAX_IN_MEMORY = 200_000
 ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD

@@ -13,14 +13,14 @@ import tempfile
 from absl import logging
 from etils import epath
 
-from resnext_jax import preprocess
+from resnext_jax import image_settings, policies
 from resnext_jax.aggregated import FORMS
 from resnext_jax.models import STEMS, model_spec
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('step', 'cosine')
-OPTIMIZERS = ('sgd', 'adamw', 'lamb')   # train.create_optimizer
-LOSSES = ('ce', 'bce')                  # train.training_loss
+OPTIMIZERS = ('sgd', 'adamw', 'lamb')   # step.create_optimizer
+LOSSES = ('ce', 'bce')                  # step.training_loss
 
 
 # ---- rules: (test, what is allowed) ----
@@ -90,9 +90,8 @@ def augment_policy():
     def ok(v):
         if v == '':
             return True
-        from resnext_jax import autoaugment   # noqa: PLC0415 (TensorFlow ops)
         try:
-            autoaugment.parse(v)
+            policies.parse(v)
         except (TypeError, ValueError):
             return False
         return True
@@ -124,7 +123,8 @@ FIELDS = {
     'image_size': integer(1),                   # see _check_image_size
     'eval_image_size': optional(integer(1)),
     'eval_resize': optional(integer(1)),        # ≥ the eval crop with augment 'imagenet'
-    'augment': one_of(*preprocess.AUGMENTS),
+    'augment': one_of(*image_settings.AUGMENTS),
+    'augment_on': one_of(*image_settings.AUGMENT_ON),
     'color_jitter': number(0, 1),               # factors 1 ± color_jitter stay ≥ 0
     'pca_lighting': number(0),
     'mean': optional(sequence(number(0, 255), 3)),
@@ -212,8 +212,8 @@ def check_config(config):
     if config.bn_group_size and config.batch_size % config.bn_group_size:
         raise ValueError(f'bn_group_size {config.bn_group_size} does not divide batch_size '
                          f'{config.batch_size}: fix --config.bn_group_size')
-    eval_size = preprocess.eval_size(config)
-    if config.augment == 'imagenet' and preprocess.eval_resize(config) < eval_size:
+    eval_size = image_settings.eval_size(config)
+    if config.augment == 'imagenet' and image_settings.eval_resize(config) < eval_size:
         raise ValueError(f'eval_resize {config.eval_resize} is smaller than the eval crop '
                          f'{eval_size}: fix --config.eval_resize (e.g. {round(eval_size * 8 / 7)})')
     _check_image_size(model, config.image_size, eval_size)

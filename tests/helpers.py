@@ -120,10 +120,12 @@ def output(proc):
         return f.read()
 
 
-# Every modern-recipe ingredient at once (configs/modern.py's fields), sized for tiny_config:
-# 89 steps per epoch, so the warm-up (and the EMA's copying) lasts 2 steps.
+# Every recipe ingredient at once (configs/modern.py's fields and the paper's colour noise),
+# sized for tiny_config: 89 steps per epoch, so the warm-up (and the EMA's copying) lasts 2
+# steps. The per-pixel ones run in the step (`augment_on='device'`, the default).
 MODERN = dict(optimizer='lamb', learning_rate=5e-3, weight_decay=0.02, decay_bn_and_bias=False,
               clip_grad_norm=1.0, loss='bce', bce_target_thresh=0.2, label_smoothing=0.1,
               drop_path_rate=0.1, dropout=0.1, mixup_alpha=0.2, cutmix_alpha=1.0,
               ema_decay=0.9, ema_every_steps=2, warmup_epochs=2 / 89, schedule='cosine',
-              repeated_augments=2, auto_augment='rand-m9-n2-mstd0.5', random_erase=0.25)
+              repeated_augments=2, auto_augment='rand-m9-n2-mstd0.5', random_erase=0.25,
+              color_jitter=0.4, pca_lighting=0.1)

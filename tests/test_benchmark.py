@@ -1,5 +1,6 @@
 """The benchmark tool runs and reports sane figures; the fast CPU paths compute the same math."""
 import json
+import os
 import subprocess
 import sys
 
@@ -23,7 +24,57 @@ def test_benchmark_json_on_a_small_network(capsys):
     assert forms == ['auto=sliced', 'grouped']
     for r in report['rows']:
         assert r['train_images_per_sec'] > 0 and r['infer_images_per_sec'] > 0
-        assert r['compile_sec'] > 0 and r['memory_mb'] > 0
+        assert r['compile_sec'] > 0 and r['planned_memory_mb'] > 0
+        assert r['peak_memory_mb'] is None      # the CPU reports no peak
+
+
+def test_the_peak_memory_is_read_after_the_timed_steps(monkeypatch, capsys):
+    """A device whose peak grows with each finished step (as a GPU's does while the step's
+    buffers come and go): the row reports the peak after every timed call, inference and
+    training, not the one right after compiling."""
+    finished = []
+    real = jax.block_until_ready
+    monkeypatch.setattr(jax, 'block_until_ready', lambda x: finished.append(1) or real(x))
+    monkeypatch.setattr(benchmark, '_memory_stats',
+                        lambda: {'peak_bytes_in_use': len(finished) * 2**20})
+    benchmark.main(['--model', 'resnext29_2x4d', '--batch-size', '8', '--image-size', '8',
+                    '--steps', '3', '--warmup', '1', '--json'])
+    (row,) = json.loads(capsys.readouterr().out)['rows']
+    assert len(finished) == 2 * (1 + 1 + 3)        # first call, warm-up, timed; twice
+    assert row['peak_memory_mb'] == len(finished)
+
+
+def test_a_recipe_is_timed_beside_the_host_cores_that_feed_it(tmp_path):
+    """`--config`: the step train.py compiles for the recipe (its augmentation in the step)
+    and the input pipeline's images/s per busy core, and their ratio; with augment_on='host'
+    the host does the augmentation and feeds bfloat16."""
+    config = tmp_path / 'recipe.py'
+    config.write_text(f'import sys\nsys.path.insert(0, {os.path.join(REPO, "tests")!r})\n'
+                      'from helpers import tiny_config\n'
+                      'def get_config():\n    return tiny_config(color_jitter=0.4, '
+                      "pca_lighting=0.1, auto_augment='ta_wide', random_erase=0.1)\n")
+    reports = {}
+    for where in ('device', 'host'):
+        out = subprocess.run(
+            [sys.executable, '-m', 'resnext_jax.benchmark', f'--config={config}',
+             f'--config.augment_on={where}', '--seconds=1', '--steps=2', '--warmup=0',
+             '--json'], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        reports[where] = report = json.loads(out.stdout)
+        assert report['augment_on'] == where and report['batch_size'] == 16
+        assert report['augmentation'].endswith(f"(augment_on='{where}')")
+        step, feed = report['step'], report['input']
+        assert step['train_images_per_sec'] > 0 and step['planned_memory_mb'] > 0
+        assert feed['part'] == 'train' and feed['images'] >= 16 and feed['seconds'] >= 1
+        assert report['host_cores_to_feed'] == pytest.approx(
+            step['train_images_per_sec'] / feed['images_per_core_sec'])
+    assert 'in the step' in reports['device']['augmentation']
+    assert 'on the host' in reports['host']['augmentation']
+    bad = subprocess.run([sys.executable, '-m', 'resnext_jax.benchmark', f'--config={config}',
+                          '--config.batch_size=12'], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        'error: batch_size 12 is not divisible by the 8 devices: fix --config.batch_size')
 
 
 def test_benchmark_layer_and_errors(capsys):

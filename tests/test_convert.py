@@ -21,8 +21,9 @@ import tensorflow as tf
 
 import helpers
 from helpers import REPO, TINY
-from resnext_jax import (checkpoint, convert, create_model, data, parallel, predict, preprocess,
-                         sources, train)
+from resnext_jax import (checkpoint, convert, create_model, data, image_settings, parallel,
+                         predict, sources, train)
+from resnext_jax import step as step_lib
 
 FIXTURES = sorted(glob.glob(os.path.join(REPO, 'tests', 'fixtures', 'torchvision_*.npz')))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'torchvision_resnext_4x4d.npz')
@@ -202,7 +203,7 @@ def recorded(tmp_path_factory):
     metadata a training run records (8×8 digits: their mean and std, augment 'cifar'), class
     names included."""
     config, root = helpers.tiny_config(), tmp_path_factory.mktemp('recorded')
-    variables = random_variables(train.build_model(config, 10), seed=1)
+    variables = random_variables(step_lib.build_model(config, 10), seed=1)
     variables['batch_stats'] = jax.tree_util.tree_map(lambda v: np.abs(v) + 0.5,
                                                       variables['batch_stats'])
     meta = json.loads(json.dumps(checkpoint.run_meta(config, 10, NAMES)))
@@ -230,7 +231,7 @@ def test_exported_weights_carry_the_model_classes_and_preprocessing(recorded, su
     assert convert.main([weights, back]) == 0   # no --model: the file records it
     state, restored = checkpoint.load_checkpoint(back)
     assert tree_equal(state, variables)
-    assert set(preprocess.EVAL_FIELDS) <= set(convert.FILE_META)
+    assert set(image_settings.EVAL_FIELDS) <= set(convert.FILE_META)
     assert {k: restored.get(k) for k in convert.FILE_META} == {
         k: meta.get(k) for k in convert.FILE_META}
     assert (restored['model'], restored['class_names'], restored['image_size'],
@@ -387,7 +388,7 @@ def test_predict_prints_the_top_5_of_each_image(converted, tmp_path, capsys):
     model, variables, _ = convert.load_model(ckpt)
     image = tf.io.decode_png(tf.io.read_file(images[0])).numpy().astype(np.float32)
     image = tf.image.resize(image, (256, 341)).numpy()[16:240, 58:282]
-    image = (image - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD)
+    image = (image - np.array(image_settings.IMAGENET_MEAN)) / np.array(image_settings.IMAGENET_STD)
     np.testing.assert_allclose(predict.load_image(images[0]), image, rtol=1e-5, atol=1e-5)
     probs = jax.nn.softmax(jax.jit(model.apply)(variables, image[None].astype(np.float32)))[0]
     best = int(np.argmax(probs))
@@ -420,7 +421,7 @@ def test_predict_feeds_a_digits_checkpoint_as_its_training_evaluated(digits_run,
     batch = next(data.eval_batches(config, 8, source=source))
     model, variables, meta = convert.load_model(run)
     assert meta['mean'] == [77.8] * 3 and meta['std'] == [95.9] * 3 and meta['image_size'] == 8
-    seen = train.normalise(batch['image'][:2], meta['mean'], meta['std'])   # as the step sees it
+    seen = step_lib.normalise(batch['image'][:2], meta['mean'], meta['std'])   # as the step sees it
     for path, image in zip(images, seen):
         np.testing.assert_allclose(predict.load_image(path, meta), image, rtol=1e-6, atol=1e-6)
     probs = np.asarray(jax.nn.softmax(model.apply(variables, seen)))
@@ -468,7 +469,7 @@ def tiny_checkpoints(tmp_path_factory):
     config, root = tiny_config(), tmp_path_factory.mktemp('init')
     checkpoints = {}
     for classes in (7, 10):
-        variables = random_variables(train.build_model(config, classes), seed=classes)
+        variables = random_variables(step_lib.build_model(config, classes), seed=classes)
         variables['batch_stats'] = jax.tree_util.tree_map(lambda v: np.abs(v) + 0.5,
                                                           variables['batch_stats'])
         checkpoint.save_variables(root / str(classes), variables,
@@ -480,9 +481,9 @@ def tiny_checkpoints(tmp_path_factory):
 def test_init_from_keeps_a_fresh_head_for_other_classes(tiny_checkpoints, caplog):
     directory, variables = tiny_checkpoints[7]
     mesh = parallel.make_mesh()
-    fresh = jax.device_put(random_variables(train.build_model(tiny_config(), 10), seed=0),
+    fresh = jax.device_put(random_variables(step_lib.build_model(tiny_config(), 10), seed=0),
                            parallel.replicated(mesh))
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=fresh['params'],
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=fresh['params'],
                              batch_stats=fresh['batch_stats'], opt_state=())
     with caplog.at_level(logging.INFO):
         loaded, meta = checkpoint.init_from(state, str(directory))
@@ -512,7 +513,7 @@ def test_eval_only_evaluates_the_init_from_weights_once(tiny_checkpoints, tmp_pa
 
     images, labels = sources.make_source(config).eval   # pixels / 255: the config's mean and std
     images = np.repeat(images.astype(np.float32) / 255.0, 3, axis=-1)
-    logits = jax.jit(train.build_model(config, 10).apply)(expected, images)
+    logits = jax.jit(step_lib.build_model(config, 10).apply)(expected, images)
     logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64)))
     assert result['num_examples'] == 360
     np.testing.assert_allclose(result['loss'], -np.mean(logp[np.arange(360), labels]), rtol=1e-5)

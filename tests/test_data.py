@@ -8,7 +8,8 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from configs import default
-from resnext_jax import data, preprocess, sources, train
+from resnext_jax import data, image_settings, preprocess, sources
+from resnext_jax import step as step_lib
 
 
 def make_config(**kw):
@@ -76,7 +77,7 @@ def test_digits_shapes_dtypes_and_normalisation(digits):
     assert ev['image'].shape == (64, 16, 16, 3) and ev['image'].dtype == np.uint8
     assert ev['mask'].dtype == np.float32
     # the steps normalise them on the device with the dataset's statistics
-    images = np.asarray(train.normalise(ev['image'], *preprocess.normalisation(config)))
+    images = np.asarray(step_lib.normalise(ev['image'], *image_settings.normalisation(config)))
     assert images.dtype == np.float32
     assert abs(images.mean()) < 0.3 and 0.5 < images.std() < 1.5
 
@@ -84,12 +85,13 @@ def test_digits_shapes_dtypes_and_normalisation(digits):
 @pytest.mark.parametrize('augment', ['imagenet', 'cifar'])
 def test_device_normalisation_equals_host_normalisation(augment):
     """uint8 pixels normalised on the device are the host's float32 normalisation of the same
-    preprocessing, up to rounding the pixels to integers (half a grey level)."""
+    preprocessing, up to rounding the pixels to integers (half a grey level); here with the
+    colour noise on the host (`augment_on='host'`)."""
     config = make_config(dataset='imagenet2012', image_size=24, augment=augment,
-                         color_jitter=0.4, pca_lighting=0.1)
+                         color_jitter=0.4, pca_lighting=0.1, augment_on='host')
     pixels = np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.uint8)
     pixels[:20] = np.maximum(pixels[:20], 230)   # bright: brightness jitter passes 255
-    mean, std = preprocess.normalisation(config)
+    mean, std = image_settings.normalisation(config)
     left = []
     for train_, seed in [(False, (0, 0)), *((True, (3, k)) for k in range(6))]:
         seed = tf.constant(seed, tf.int64)
@@ -98,7 +100,7 @@ def test_device_normalisation_equals_host_normalisation(augment):
             tf.constant(pixels), seed)
         # colour noise may leave 0..255: training then sends bfloat16, evaluation uint8
         assert sent.dtype == (tf.bfloat16 if train_ else tf.uint8)
-        device = np.asarray(train.normalise(sent.numpy()[None], mean, std))[0]
+        device = np.asarray(step_lib.normalise(sent.numpy()[None], mean, std))[0]
         # half a grey level: uint8 rounding, or bfloat16's 8 significant bits for |pixels| <
         # 256 (one grey level from 256 to 512, where brightness jitter can take a pixel)
         raw = host.numpy() * std + mean
@@ -108,12 +110,20 @@ def test_device_normalisation_equals_host_normalisation(augment):
             left.append(((host.numpy() * std + mean < 0) | (host.numpy() * std + mean > 255)).any())
     assert any(left)   # the noise left 0..255 for some seed, and the device saw it unclipped
     plain = make_config(dataset='imagenet2012', image_size=24, augment=augment)
-    assert preprocess.feed_dtype(plain, True) == preprocess.feed_dtype(plain, False) == 'uint8'
+    assert (image_settings.feed_dtype(plain, True) == image_settings.feed_dtype(plain, False)
+            == 'uint8')
 
 
-@pytest.mark.parametrize('augment', ['cifar', 'imagenet'])
-def test_process_count_does_not_change_the_global_batch(digits, augment):
-    config = make_config(augment=augment)
+HOST_PIXELS = dict(augment_on='host', color_jitter=0.4, pca_lighting=0.1,
+                   auto_augment='rand-m9-n2-mstd0.5', random_erase=0.25)
+
+
+@pytest.mark.parametrize('augment,extra', [('cifar', {}), ('imagenet', {}),
+                                           ('imagenet', HOST_PIXELS)],
+                         ids=['cifar', 'imagenet', 'imagenet-host-pixels'])
+def test_process_count_does_not_change_the_global_batch(digits, augment, extra):
+    """Also with every per-pixel ingredient on the host (`augment_on='host'`)."""
+    config = make_config(augment=augment, **extra)
     start, steps, global_batch = 43, 4, 32  # 1437 / 32 ≈ 44.9: crosses the epoch boundary
     reference = take(data.train_batches(config, global_batch, start_step=start,
                                         source=digits), steps)
@@ -134,8 +144,9 @@ def assert_process_counts_give(reference, config, source, start, counts=(2, 4)):
                 np.testing.assert_array_equal(joined, reference[t][key])
 
 
-def test_resume_matches_the_uninterrupted_stream(digits):
-    config = make_config()
+@pytest.mark.parametrize('extra', [{}, HOST_PIXELS], ids=['cifar', 'cifar-host-pixels'])
+def test_resume_matches_the_uninterrupted_stream(digits, extra):
+    config = make_config(**extra)
     full = take(data.train_batches(config, 32, source=digits), 48)
     assert not np.array_equal(full[0]['image'], full[1]['image'])
     for k in (1, 44):
@@ -276,7 +287,7 @@ def test_the_eval_resize_keeps_its_ratio_when_the_image_size_changes():
     image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), no_seed)
     expected = tf.image.resize(pixels, (171, 128)).numpy()[29:141, 8:120]
     np.testing.assert_allclose(image.numpy(), expected, rtol=1e-6, atol=1e-4)
-    assert preprocess.eval_settings(config)['eval_resize'] == 128
+    assert image_settings.eval_settings(config)['eval_resize'] == 128
     config.eval_resize = 256   # a fixed side still works when asked for
     image = preprocess.preprocess_fn(config, False, None)(tf.constant(pixels), no_seed)
     np.testing.assert_allclose(image.numpy(), tf.image.resize(pixels, (341, 256)).numpy()[

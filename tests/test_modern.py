@@ -12,7 +12,8 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from resnext_jax import models, parallel, train, validate
+from resnext_jax import models, parallel, validate
+from resnext_jax import step as step_lib
 from resnext_jax.aggregated import AggregatedTransform
 from resnext_jax.models import Bottleneck, ResNeXt
 from helpers import TINY, tiny_config
@@ -128,7 +129,7 @@ def test_defaults_never_draw_an_rng_and_leave_the_training_step_as_it_was():
     config = tiny_config()
     assert (config.drop_path_rate, config.dropout, config.optimizer, config.loss,
             config.bce_target_thresh) == (0.0, 0.0, 'sgd', 'ce', None)
-    model = train.build_model(config, 10)
+    model = step_lib.build_model(config, 10)
     # The network of before: built without the new fields.
     old = models.create_model(config.model, num_classes=10, form=config.form,
                               **dict(config.model_options))
@@ -155,11 +156,11 @@ def test_defaults_never_draw_an_rng_and_leave_the_training_step_as_it_was():
         updates, opt_state = old_tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new['batch_stats'], opt_state, loss
 
-    tx = train.create_optimizer(config, 0.1)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+    tx = step_lib.create_optimizer(config, 0.1)
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
                              batch_stats=v['batch_stats'], opt_state=tx.init(v['params']))
     step = jax.jit(functools.partial(
-        train.train_step, model=model, tx=tx, loss=config.loss,
+        step_lib.train_step, model=model, tx=tx, loss=config.loss,
         label_smoothing=config.label_smoothing, bce_target_thresh=config.bce_target_thresh,
         seed=config.seed))
     params, batch_stats, opt_state = v['params'], v['batch_stats'], old_tx.init(v['params'])
@@ -213,7 +214,7 @@ def test_adamw_and_lamb_follow_their_papers(optimizer, reference, decay_bn_and_b
     wd = 0.05
     config = tiny_config(optimizer=optimizer, weight_decay=wd,
                          decay_bn_and_bias=decay_bn_and_bias)
-    tx = train.create_optimizer(config, lambda count: 0.01 * (count + 1))   # lr 0.01, 0.02, …
+    tx = step_lib.create_optimizer(config, lambda count: 0.01 * (count + 1))   # lr 0.01, 0.02, …
     rng = np.random.default_rng(0)
     shapes = {'conv': {'kernel': (3, 3, 2, 4)}, 'bn': {'scale': (4,), 'bias': (4,)}}
     w0 = jax.tree_util.tree_map(lambda s: rng.normal(size=s), shapes,
@@ -246,12 +247,12 @@ def test_optimizer_is_sgd_for_configs_without_the_field():
     import ml_collections
     config = ml_collections.ConfigDict(dict(weight_decay=0.5, decay_bn_and_bias=True,
                                             momentum=0.0, nesterov=False))
-    tx = train.create_optimizer(config, 0.1)
+    tx = step_lib.create_optimizer(config, 0.1)
     params = {'w': jnp.ones(3)}
     updates, _ = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
     np.testing.assert_allclose(updates['w'], -0.1 * (1 + 0.5))   # −lr (g + λ w)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
-        train.create_optimizer(tiny_config(optimizer='adam'), 0.1)
+        step_lib.create_optimizer(tiny_config(optimizer='adam'), 0.1)
 
 
 # ----------------------------------------------------------------------------------------- BCE
@@ -272,7 +273,7 @@ def bce_numpy(logits, targets):
 def test_binary_cross_entropy_by_hand(smoothing, thresh, targets):
     logits = np.array([[2.0, -1.0, 0.5, 0.0], [-0.3, 1.5, 3.0, -2.0]])
     labels = np.array([0, 2])
-    got = train.training_loss(jnp.asarray(logits, jnp.float32), labels, 'bce', smoothing,
+    got = step_lib.training_loss(jnp.asarray(logits, jnp.float32), labels, 'bce', smoothing,
                               thresh).mean()
     np.testing.assert_allclose(got, bce_numpy(logits, np.array(targets, float)), rtol=1e-6)
 
@@ -280,10 +281,10 @@ def test_binary_cross_entropy_by_hand(smoothing, thresh, targets):
 def test_cross_entropy_is_still_the_default_loss_and_unknown_ones_are_refused():
     logits = np.array([[2.0, -1.0, 0.5]])
     expected = -np.log(np.exp(2.0) / np.exp(logits).sum())
-    np.testing.assert_allclose(train.training_loss(jnp.asarray(logits), np.array([0])),
+    np.testing.assert_allclose(step_lib.training_loss(jnp.asarray(logits), np.array([0])),
                                [expected], rtol=1e-6)
     with pytest.raises(ValueError, match="unknown loss 'mse'"):
-        train.training_loss(jnp.asarray(logits), np.array([0]), 'mse')
+        step_lib.training_loss(jnp.asarray(logits), np.array([0]), 'mse')
 
 
 # ------------------------------------------------------------------------------ config and run
@@ -308,18 +309,20 @@ def test_model_options_cannot_set_the_regularisers():
 
 def test_a_modern_recipe_step_draws_from_seed_and_step_only():
     """The step train.py compiles for a recipe with every new option: it trains, and its masks
-    depend on (seed, step) alone, as a resumed run needs."""
+    and its per-pixel augmentation depend on (seed, step) alone, as a resumed run needs."""
     config = tiny_config(optimizer='lamb', learning_rate=5e-3, weight_decay=0.02,
                          decay_bn_and_bias=False, loss='bce', label_smoothing=0.1,
-                         bce_target_thresh=0.2, drop_path_rate=0.5, dropout=0.5, seed=5)
+                         bce_target_thresh=0.2, drop_path_rate=0.5, dropout=0.5, seed=5,
+                         color_jitter=0.4, pca_lighting=0.1, auto_augment='ta_wide',
+                         random_erase=0.25)
     validate.check_config(config)
-    model = train.build_model(config, 10)
-    tx = train.create_optimizer(config, 0.1)
+    model = step_lib.build_model(config, 10)
+    tx = step_lib.create_optimizer(config, 0.1)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA,))
-    init, _, shardings = train.state_layout(config, model, tx, mesh)
+    init, _, shardings = step_lib.state_layout(config, model, tx, mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-        p_train, _ = train.make_steps(config, model, tx, mesh, shardings)
+        p_train, _ = step_lib.make_steps(config, model, tx, mesh, shardings)
         rng = np.random.default_rng(0)
         batch = {'image': rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8),
                  'label': rng.integers(0, 10, 16).astype(np.int32)}
@@ -417,7 +420,7 @@ def test_ema_is_the_closed_form_of_its_updates():
     w0, d, every, copy_until = rng.normal(size=3), 0.9, 2, 2
     ema = {'params': {'w': jnp.asarray(w0)}, 'batch_stats': {'s': jnp.asarray(-w0)}}
     for step, w in enumerate(ws, 1):
-        ema = train.update_ema(ema, {'w': jnp.asarray(w)}, {'s': jnp.asarray(-w)},
+        ema = step_lib.update_ema(ema, {'w': jnp.asarray(w)}, {'s': jnp.asarray(-w)},
                                jnp.int32(step), d, every, copy_until)
     # Updating steps: 2 (a copy: warm-up), 4, 6, 8 → w2·d³ + (1−d)(w4·d² + w6·d + w8).
     expected = ws[1] * d ** 3 + (1 - d) * (ws[3] * d ** 2 + ws[5] * d + ws[7])
@@ -427,14 +430,14 @@ def test_ema_is_the_closed_form_of_its_updates():
 
 def test_the_training_step_keeps_the_ema_of_params_and_bn_statistics():
     config = tiny_config(ema_decay=0.5, ema_every_steps=1)
-    model = train.build_model(config, 10)
-    tx = train.create_optimizer(config, 0.1)
+    model = step_lib.build_model(config, 10)
+    tx = step_lib.create_optimizer(config, 0.1)
     mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA,))
-    init, _, shardings = train.state_layout(config, model, tx, mesh)
+    init, _, shardings = step_lib.state_layout(config, model, tx, mesh)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-        p_train, _ = train.make_steps(config, model, tx, mesh, shardings, 10)
+        p_train, _ = step_lib.make_steps(config, model, tx, mesh, shardings, 10)
         expected = jax.tree_util.tree_map(np.asarray, state.ema)
         for _ in range(3):
             batch = {'image': rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8),
@@ -452,7 +455,7 @@ def test_clip_grad_norm_scales_the_gradient_to_the_norm_before_the_optimizer():
     grads = {'a': jnp.full((4,), 3.0), 'b': jnp.full((2, 2), 4.0)}   # ‖g‖ = √(36 + 64) = 10
     params = jax.tree_util.tree_map(jnp.zeros_like, grads)
     config = tiny_config(optimizer='sgd', momentum=0.0, weight_decay=0.0, clip_grad_norm=2.0)
-    tx = train.create_optimizer(config, 1.0)
+    tx = step_lib.create_optimizer(config, 1.0)
     updates, _ = tx.update(grads, tx.init(params), params)
     # SGD at lr 1 steps by −g · 2 / 10.
     jax.tree_util.tree_map(lambda u, g: np.testing.assert_allclose(u, -g * 0.2, rtol=1e-6),

@@ -57,8 +57,9 @@ def test_a_preempted_two_process_run_resumes_and_equals_one_process(tmp_path):
     save the same step and exit 75; the same command resumes, and the run ends as an
     uninterrupted one-process run with 8 devices does (equal up to float summation order:
     every step's loss, the eval, the parameters and their EMA). Every modern-recipe ingredient
-    is on (`helpers.MODERN`: RandAugment, random erasing, repeated augmentation, Mixup/CutMix,
-    drop path, dropout, LAMB, BCE, EMA), so the 2 × 4 run draws what the 1 × 8 run draws."""
+    is on (`helpers.MODERN`: colour jitter, lighting, RandAugment and random erasing in the
+    step, repeated augmentation, Mixup/CutMix, drop path, dropout, LAMB, BCE, EMA), so the
+    2 × 4 run draws what the 1 × 8 run draws."""
     steps = 6   # float summation order differs with 2 processes: the runs drift after ~6 steps
     config_file = tiny_config_file(
         tmp_path, f'**MODERN, num_train_steps={steps}, checkpoint_every_steps=100')

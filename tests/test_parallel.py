@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from resnext_jax import parallel, train
+from resnext_jax import parallel
+from resnext_jax import step as step_lib
 from resnext_jax.aggregated import FORMS
 from helpers import assert_trees_close, tiny_config
 
@@ -26,12 +27,12 @@ _INSTRUCTION = re.compile(r'%(\S+) = (\(.*?\)|\w+\[[^\]]*\])\S* (\w[\w-]*)\((.*?
 
 def setup(mesh, **overrides):
     config = tiny_config(image_size=SIZE, batch_size=GLOBAL, **overrides)
-    model = train.build_model(config, 10)
-    tx = train.create_optimizer(config, 0.1)
-    init, _, shardings = train.state_layout(config, model, tx, mesh)
+    model = step_lib.build_model(config, 10)
+    tx = step_lib.create_optimizer(config, 0.1)
+    init, _, shardings = step_lib.state_layout(config, model, tx, mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    p_train, _ = train.make_steps(config, model, tx, mesh, shardings)
+    p_train, _ = step_lib.make_steps(config, model, tx, mesh, shardings)
     return state, p_train
 
 
@@ -60,12 +61,21 @@ def dims(shape_text):
                                                                     shape_text)))}
 
 
+# Every per-pixel ingredient, run in the step.
+DEVICE_PIXELS = dict(color_jitter=0.4, pca_lighting=0.1, auto_augment='rand-m9-n2-mstd0.5',
+                     random_erase=0.25)
+
+
 @pytest.mark.parametrize('overrides', [
     *({'form': f} for f in FORMS if f != 'auto'),
     {'form': 'grouped', 'fsdp': True, 'fsdp_min_size': 64},
     {'form': 'grouped', 'bn_group_size': 5},
+    {'form': 'grouped', **DEVICE_PIXELS},
+    {'form': 'grouped', 'auto_augment': 'ta_wide', 'random_erase': 0.1},
 ], ids=lambda o: '-'.join(f'{k}={v}' for k, v in o.items()))
 def test_every_device_computes_only_its_share(overrides):
+    """Also with the per-pixel augmentation in the step (`augment_on='device'`): each device
+    augments its own images, with no cross-device traffic."""
     mesh = parallel.make_mesh()
     assert mesh.size == 8
     compiled = compiled_step(mesh, **overrides)
@@ -82,15 +92,21 @@ def test_every_device_computes_only_its_share(overrides):
     one_device = compiled_step(Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA,)),
                                **overrides)
     flops_8, flops_1 = (c.cost_analysis()['flops'] for c in (compiled, one_device))
-    assert 8 * flops_8 == pytest.approx(flops_1, rel=0.05)
+    # The augmentation has per-program constants (tables, pixel grids) that a program of 5
+    # images pays as one of 40 does: there 8 × 5 images count 6 % above 40.
+    pixels = any(k in overrides for k in DEVICE_PIXELS)
+    assert 8 * flops_8 == pytest.approx(flops_1, rel=0.08 if pixels else 0.05)
 
 
-@pytest.mark.parametrize('form', ['grouped', 'sliced'])
-def test_sharded_steps_equal_one_device_steps(form):
+@pytest.mark.parametrize('overrides', [{'form': 'grouped'}, {'form': 'sliced'},
+                                       {'form': 'sliced', **DEVICE_PIXELS}],
+                         ids=['grouped', 'sliced', 'sliced-device-pixels'])
+def test_sharded_steps_equal_one_device_steps(overrides):
+    """With the augmentation in the step too: each image is augmented as on one device."""
     results = []
     for devices in (jax.devices(), jax.devices()[:1]):
         mesh = Mesh(np.asarray(devices), (parallel.DATA,))
-        state, p_train = setup(mesh, form=form)
+        state, p_train = setup(mesh, **overrides)
         with jax.set_mesh(mesh):
             for batch in batches(3):
                 state, metrics = p_train(state, parallel.global_batch(batch, mesh))

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import quickstart
 from helpers import REPO
 from resnext_jax import plan, tpus
+from resnext_jax import step as step_lib
 
 CHIPS = 4                 # v5e-4
 BATCHES = (13, 26)        # per chip; globally 52 and 104, sizes no layer of the network has
@@ -71,6 +72,19 @@ def test_auto_form_is_the_tpu_form(planned):
     assert jax.default_backend() == 'cpu'
     assert planned['config'].form == 'grouped'
     assert {r['form'] for r in planned['rows'].values()} == {'grouped'}
+
+
+def test_the_augmentation_is_placed_as_on_a_tpu():
+    """'auto' puts colour noise and erasing in the step and auto-augment on the host, as
+    train.py on a TPU does; the batch a plan compiles for is what that host then sends."""
+    colour = plan.tpu_config(tiny_config(color_jitter=0.4, pca_lighting=0.1, random_erase=0.2))
+    assert colour.augment_on == 'device'
+    assert plan.batch_shapes(colour, 8, 12)['image'].dtype == jnp.uint8
+    auto = plan.tpu_config(tiny_config(auto_augment='ta_wide', random_erase=0.2))
+    assert auto.augment_on == 'host'
+    assert plan.batch_shapes(auto, 8, 12)['image'].dtype == jnp.bfloat16   # erasing's fill
+    forced = plan.tpu_config(tiny_config(auto_augment='ta_wide', augment_on='device'))
+    assert forced.augment_on == 'device'
 
 
 def test_flops_per_chip_scale_with_the_per_chip_batch(planned):
@@ -206,11 +220,10 @@ def test_largest_fitting_batch(shape):
 
 
 def test_max_batch_steps_are_the_batches_the_model_accepts():
-    from resnext_jax import train
     tpu_slice = tpus.parse_slice('v5e-4')
     for groups in (0, 8, 12):
         config = tiny_config(bn_group_size=groups)
-        model = train.build_model(config, 10)
+        model = step_lib.build_model(config, 10)
         step = plan.batch_step(config, tpu_slice)
 
         def accepted(per_chip):

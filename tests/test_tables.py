@@ -11,7 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import paper
-from resnext_jax import data, preprocess, sources, tables, train, validate
+from resnext_jax import data, image_settings, sources, tables, train, validate
+from resnext_jax import step as step_lib
 from helpers import REPO, Preempted, stop_input_at, tiny_config
 
 
@@ -85,7 +86,7 @@ def test_recipe_hyperparameters_are_the_papers(row):
         assert (c.batch_size, c.learning_rate, c.lr_base_batch_size, c.weight_decay) == (
             256, 0.1, 256, 1e-4)
         assert len(c.lr_boundaries_epochs) == 3 and c.num_epochs == 90
-        assert c.image_size == 224 and preprocess.eval_resize(c) == (   # 256 → 224
+        assert c.image_size == 224 and image_settings.eval_resize(c) == (   # 256 → 224
             round(spec.eval_size * 8 / 7) if spec.eval_size else 256)
         assert (c.augment, c.color_jitter, c.pca_lighting, c.bn_group_size) == (
             'imagenet', 0.4, 0.1, 32)
@@ -134,7 +135,7 @@ def test_every_recipe_builds_and_takes_a_step_on_mock_data(dataset):
             c.model_options = {**SHRINK, 'stage_sizes': (1,) * depth}
             source = sources.make_source(c)
             info = sources.dataset_info(c, source)
-            model = train.build_model(c, info.num_classes)
+            model = step_lib.build_model(c, info.num_classes)
             batch = next(data.train_batches(c, 8, source=source))
             eval_batch = next(data.eval_batches(c, 8, source=source))
             assert eval_batch['image'].shape[1] == (c.eval_image_size or 32)
@@ -151,9 +152,9 @@ def create_spec(name):
 
 def one_step(config, model, batch, run):
     """The loss of one training step from a fresh state; traced only (0.0) unless `run`."""
-    tx = train.create_optimizer(config, 0.1)
-    init = train.make_init(config, model, tx)
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx))
+    tx = step_lib.create_optimizer(config, 0.1)
+    init = step_lib.make_init(config, model, tx)
+    step = jax.jit(lambda s, b: step_lib.train_step(s, b, model=model, tx=tx))
     if not run:
         _, metrics = jax.eval_shape(step, jax.eval_shape(init, jax.random.key(0)), batch)
         assert metrics['loss'].shape == ()
@@ -230,7 +231,7 @@ def test_modern_recipes_are_the_published_ones(row):
                                                                                          0.5)
         assert (c.optimizer, c.num_epochs, c.weight_decay, c.label_smoothing) == (
             'sgd', 600, 2e-5, 0.1)
-        assert (c.image_size, preprocess.eval_size(c), preprocess.eval_resize(c)) == (
+        assert (c.image_size, image_settings.eval_size(c), image_settings.eval_resize(c)) == (
             176, 224, 232)
         assert (c.auto_augment, c.random_erase, c.repeated_augments) == ('ta_wide', 0.1, 4)
         assert (c.mixup_alpha, c.cutmix_alpha) == (0.2, 1.0)
@@ -243,9 +244,9 @@ def test_modern_recipes_are_the_published_ones(row):
         assert c.num_epochs == {'a1': 600, 'a2': 300, 'a3': 100}[procedure]
         assert c.image_size == (160 if procedure == 'a3' else 224)
         test = spec.eval_size or 224
-        assert preprocess.eval_size(c) == test
+        assert image_settings.eval_size(c) == test
         # The 224 test crops 95 % of the resized image; timm's 288 test takes all of it.
-        np.testing.assert_allclose(test / preprocess.eval_resize(c),
+        np.testing.assert_allclose(test / image_settings.eval_resize(c),
                                    1.0 if spec.eval_size else 0.95, atol=0.002)
         assert c.auto_augment.startswith('rand-m6' if procedure == 'a3' else 'rand-m7')
 
@@ -269,12 +270,12 @@ def test_every_modern_recipe_takes_a_step_with_all_its_ingredients():
             key = (c.optimizer, c.loss, c.ema_decay > 0)   # one compile per kind of step
             if key in losses:
                 continue
-            model = train.build_model(c, 1000)
-            tx = train.create_optimizer(c, 0.1)
+            model = step_lib.build_model(c, 1000)
+            tx = step_lib.create_optimizer(c, 0.1)
             mesh = Mesh(np.asarray(jax.devices()[:1]), ('data',))
-            init, abstract, shardings = train.state_layout(c, model, tx, mesh)
+            init, abstract, shardings = step_lib.state_layout(c, model, tx, mesh)
             with jax.set_mesh(mesh):   # traced only: tests/test_modern.py runs such steps
-                p_train, _ = train.make_steps(c, model, tx, mesh, shardings, 1000, 10)
+                p_train, _ = step_lib.make_steps(c, model, tx, mesh, shardings, 1000, 10)
                 state, metrics = jax.eval_shape(p_train, abstract, batch)
             losses[key] = metrics['loss']
             assert metrics['loss'].shape == () and state.step.shape == ()

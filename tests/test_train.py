@@ -25,6 +25,7 @@ from helpers import (MODERN, REPO, TINY, Preempted, assert_trees_close, read_met
 from PIL import Image
 from resnext_jax import (GroupedBatchNorm, checkpoint, convert, create_model, data, parallel,
                          predict, sources, train)
+from resnext_jax import step as step_lib
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -60,8 +61,9 @@ def test_quickstart_learns_digits(tmp_path):
 # ------------------------------------------------------------------------------ resume
 
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
-    """Every modern-recipe ingredient on (`helpers.MODERN`: RandAugment, random erasing,
-    repeated augmentation, Mixup/CutMix, drop path, dropout, LAMB, BCE, EMA): a run that dies
+    """Every recipe ingredient on (`helpers.MODERN`: colour jitter, lighting, RandAugment and
+    random erasing in the step, repeated augmentation, Mixup/CutMix, drop path, dropout, LAMB,
+    BCE, EMA): a run that dies
     (the input raises, as a kill -9 would stop it) or takes a preemption notice resumes and
     ends bit for bit as the uninterrupted one, metrics, parameters and EMA alike; and the EMA
     weights leave the workdir by every door."""
@@ -140,14 +142,14 @@ def test_eval_counts_each_example_once(batch_size):
     masked sums equal a plain forward pass over the 360 images."""
     config = tiny_config(augment='none', mean=(0.0, 0.0, 0.0), std=(255.0, 255.0, 255.0))
     source = sources.make_source(config)
-    model = train.build_model(config, 10)
+    model = step_lib.build_model(config, 10)
     variables = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))
     variables = jax.tree_util.tree_map(   # non-trivial BN statistics
         lambda x: x + 0.1 * jax.random.uniform(jax.random.key(2), x.shape), variables)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                              batch_stats=variables['batch_stats'], opt_state=())
     mesh = parallel.make_mesh()
-    eval_fn = jax.jit(lambda s, b: train.eval_step(s, b, model=model, mean=config.mean,
+    eval_fn = jax.jit(lambda s, b: step_lib.eval_step(s, b, model=model, mean=config.mean,
                                                    std=config.std))
     got = train.evaluate(eval_fn, state, config, batch_size, mesh, source)
 
@@ -249,20 +251,20 @@ def test_grouped_batch_norm_in_a_sharded_step_is_per_group():
 def test_learning_rate_scales_with_batch_warms_up_and_steps():
     config = tiny_config(learning_rate=0.1, lr_base_batch_size=256, batch_size=512,
                          schedule='step', lr_boundaries_epochs=(30, 60), warmup_epochs=2.0)
-    lr = train.learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
+    lr = step_lib.learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
     np.testing.assert_allclose([lr(0), lr(10), lr(20), lr(299), lr(300), lr(600)],
                                [0.0, 0.1, 0.2, 0.2, 0.02, 0.002], rtol=1e-6, atol=1e-9)
     config.update({'schedule': 'cosine', 'warmup_epochs': 0.0})
-    lr = train.learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
+    lr = step_lib.learning_rate_schedule(config, steps_per_epoch=10, num_steps=900)
     np.testing.assert_allclose([lr(0), lr(450), lr(900)], [0.2, 0.1, 0.0], atol=1e-7)
     with pytest.raises(ValueError, match="unknown schedule 'linear'"):
-        train.learning_rate_schedule(tiny_config(schedule='linear'), 10, 100)
+        step_lib.learning_rate_schedule(tiny_config(schedule='linear'), 10, 100)
 
 
 @pytest.mark.parametrize('decay_bn_and_bias', [True, False])
 def test_weight_decay_choice_for_bn_and_bias(decay_bn_and_bias):
     config = tiny_config(weight_decay=0.5, momentum=0.0, decay_bn_and_bias=decay_bn_and_bias)
-    tx = train.create_optimizer(config, 0.1)
+    tx = step_lib.create_optimizer(config, 0.1)
     params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))}, 'bn': {'scale': jnp.ones(2)},
               'head': {'bias': jnp.ones(2)}}
     updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params),
@@ -274,7 +276,7 @@ def test_weight_decay_choice_for_bn_and_bias(decay_bn_and_bias):
 
 def test_fsdp_shards_state_and_trains_like_replicated(tmp_path):
     config = tiny_config(num_train_steps=2, log_every_steps=1)
-    model = train.build_model(config, 10)
+    model = step_lib.build_model(config, 10)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
     mesh = parallel.make_mesh()
     shardings = parallel.state_shardings(abstract, mesh, fsdp=True, min_size=64)
@@ -348,14 +350,14 @@ def test_logged_speed_and_eta_measure_the_work_not_its_dispatch(tmp_path, monkey
     """Each step waits SLEEP s inside the device computation (a callback on the loss), so its
     dispatch returns at once and its work takes ≥ SLEEP: images/s ≤ batch / SLEEP, and the
     ETA counts the steps left at ≥ SLEEP each."""
-    sleep, real = 0.25, train.train_step
+    sleep, real = 0.25, step_lib.train_step
 
     def slow_step(state, batch, **kw):
         state, metrics = real(state, batch, **kw)
         loss = jax.pure_callback(lambda x: (time.sleep(sleep), x)[1],
                                  jax.ShapeDtypeStruct((), jnp.float32), metrics['loss'])
         return state, {**metrics, 'loss': loss}
-    monkeypatch.setattr(train, 'train_step', slow_step)
+    monkeypatch.setattr(step_lib, 'train_step', slow_step)
     config = tiny_config(num_train_steps=13, log_every_steps=4, checkpoint_every_steps=100)
     with caplog.at_level(logging.INFO):
         train.train_and_evaluate(config, tmp_path)
