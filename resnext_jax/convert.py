@@ -279,6 +279,13 @@ def write_state_dict(state_dict, path, meta=None):
         def write(f):
             torch.save({key: torch.from_numpy(np.array(value))
                         for key, value in state_dict.items()}, f)
+    write_atomically(path, write)
+
+
+def write_atomically(path, write):
+    """`write(f)` into a temporary file beside `path` (a binary file object), then renamed over
+    `path` once complete, so a failed write leaves nothing there; created as any file is (0666
+    less the umask); missing directories are made. OSError in one line otherwise."""
     directory, name = os.path.split(os.path.abspath(path))
     temporary = os.path.join(directory, f'.{name}.{secrets.token_hex(4)}.tmp')
     try:

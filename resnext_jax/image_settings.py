@@ -57,6 +57,16 @@ def eval_settings(config):
             'augment': config.augment, 'mean': mean, 'std': std}
 
 
+def eval_config(meta):
+    """The config fields evaluation preprocessing reads (`EVAL_FIELDS`), from a checkpoint's
+    or an exported file's metadata; what it lacks (converted weights record only the model) is
+    ImageNet's, as configs/default.py has it (eval size and statistics then follow from the
+    dataset and image size)."""
+    import ml_collections   # noqa: PLC0415
+    imagenet = {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet'}
+    return ml_collections.ConfigDict({k: meta.get(k) or imagenet.get(k) for k in EVAL_FIELDS})
+
+
 def as_trained(config, meta, weights):
     """`config` with the augment and normalisation that checkpoint metadata `meta` records (how
     the weights in `weights` learned to see images), for evaluating them (`eval_only`); the eval

@@ -18,10 +18,9 @@ import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 
-from resnext_jax import cli, convert
+from resnext_jax import cli, convert, export
 
 import tensorflow as tf   # after cli: quiet (cli's doc)
 
@@ -70,22 +69,12 @@ def with_preprocessing(meta, preprocessing=None, image_size=None):
     return meta
 
 
-def eval_config(meta):
-    """The config fields evaluation preprocessing reads (`image_settings.EVAL_FIELDS`), from a
-    checkpoint's metadata; what it lacks (converted weights record only the model) is
-    ImageNet's, as configs/default.py has it (eval size and statistics then follow from the
-    dataset and image size)."""
-    imagenet = {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet'}
-    return ml_collections.ConfigDict(
-        {k: meta.get(k) or imagenet.get(k) for k in image_settings.EVAL_FIELDS})
-
-
 def load_image(path, meta=None):
     """An image file as the model's input, (S, S, 3) float32, preprocessed as the evaluation of
     the checkpoint whose metadata is `meta` was (default: ImageNet's)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist: pass image files (JPEG, PNG, GIF, BMP)')
-    transform = preprocess.preprocess_fn(eval_config(meta or {}), train=False, encoding='file')
+    transform = preprocess.preprocess_fn(image_settings.eval_config(meta or {}), train=False, encoding='file')
     try:
         return transform(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
     except tf.errors.OpError:
@@ -97,7 +86,16 @@ def predict(checkpoint, images, model=None, model_options=None, top=5, preproces
     """[(path, [(probability, label), ...]), ...] with the `top` most probable classes, the
     images preprocessed as recorded, or as `with_preprocessing` says. Weights that record no
     preprocessing and get no `preprocessing` get ImageNet's, with a warning on stderr.
-    `ema`: the EMA weights of a workdir trained with `ema_decay`."""
+    `ema`: the EMA weights of a workdir trained with `ema_decay`. `checkpoint` may also be a
+    model `python -m resnext_jax.export` wrote, run in its own runtime and fed as its metadata
+    says."""
+    fmt = export.exported_format(checkpoint)
+    if fmt:
+        if model or model_options or preprocessing or image_size or ema:
+            raise ValueError(f'{checkpoint} is an exported model: its network, weights and '
+                             'preprocessing are fixed in it; leave out --model, '
+                             '--model-options, --preprocessing, --image-size and --ema')
+        return predict_exported(fmt, checkpoint, images, top)
     net, variables, meta = convert.load_model(checkpoint, model, model_options, ema)
     meta = with_preprocessing(meta, preprocessing, image_size)
     # Forward only: the grouped form runs as fast as any here and compiles fastest (ResNeXt-50
@@ -105,7 +103,7 @@ def predict(checkpoint, images, model=None, model_options=None, top=5, preproces
     net, num_classes = net.clone(form='grouped'), net.num_classes
     batch = np.stack([load_image(path, meta) for path in images])
     if not preprocessing and not all(meta.get(k) for k in RECORDED):
-        config = eval_config(meta)
+        config = image_settings.eval_config(meta)
         size = image_settings.eval_size(config)
         print(f'warning: {checkpoint} records no preprocessing, so images get ImageNet\'s '
               f'(shorter side to {image_settings.eval_resize(config)}, centre {size}×{size} crop, '
@@ -122,12 +120,46 @@ def predict(checkpoint, images, model=None, model_options=None, top=5, preproces
     return results
 
 
+def predict_exported(fmt, path, images, top=5):
+    """`predict` with a model `export` wrote, in its runtime (`export.runner`)."""
+    meta = export.read_metadata(fmt, path)
+    transform = preprocess.preprocess_fn(image_settings.eval_config(meta), train=False,
+                                         encoding='file',
+                                         normalise=not meta['input']['normalised_inside'])
+    for image in images:
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f'{image} does not exist: pass image files (JPEG, PNG, GIF, '
+                                    'BMP)')
+    try:
+        batch = np.stack([transform(tf.constant(p), tf.zeros([2], tf.int64)).numpy()
+                          for p in images])
+    except tf.errors.OpError:
+        raise ValueError('an image is not one that TensorFlow can decode') from None
+    run, fixed = export.runner(fmt, path), meta['input']['shape'][0]
+    step = fixed or len(batch)
+    outputs = []
+    for i in range(0, len(batch), step):   # a fixed batch: whole batches, the last padded
+        part = batch[i:i + step]
+        padded = np.concatenate([part, np.zeros((step - len(part), *part.shape[1:]),
+                                                part.dtype)])
+        outputs.append(run(padded)[:len(part)])
+    outputs = np.concatenate(outputs)
+    probs = (outputs if meta['output']['name'] == 'probabilities'
+             else np.asarray(jax.nn.softmax(outputs, -1)))
+    names = meta.get('class_names')
+    if not names or len(names) != meta['num_classes']:
+        names = imagenet_class_names() if meta['num_classes'] == 1000 else None
+    return [(p, [(float(q[i]), names[i] if names else str(i)) for i in np.argsort(-q)[:top]])
+            for p, q in zip(images, probs)]
+
+
 def main(argv=None):
     parser = cli.ArgumentParser(prog='python -m resnext_jax.predict',
                                 description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', metavar='IMAGE')
     parser.add_argument('--checkpoint', required=True,
-                        help='a converted checkpoint, a workdir or a weights file')
+                        help='a converted checkpoint, a workdir, a weights file or a model '
+                        'python -m resnext_jax.export wrote')
     parser.add_argument('--model', help="network name (default: the checkpoint's)")
     parser.add_argument('--model-options', type=convert.json_object, metavar='JSON',
                         help="other ResNeXt fields (default: the checkpoint's)")

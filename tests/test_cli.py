@@ -28,6 +28,8 @@ COMMANDS = [
     ('plan', [ROW, '--topology=v5e-8', '--config.model=resnext51']),   # TensorFlow has started
     ('convert', ['--num-classes', '-1', 'weights.npz', 'ckpt']),
     ('predict', ['--checkpoint', 'no-such-checkpoint', 'cat.jpg']),    # JAX and TensorFlow run
+    ('export', ['no-such-checkpoint', '--format', 'savedmodel', '--out', 'no-such-model']),
+    ('export', ['no-such-checkpoint', '--format', 'tflite', '--out', 'no-such-model']),
 ]
 # A user's shell: none of the settings tests/conftest.py makes for the suite (with the tpu extra
 # installed, as in CI, JAX would probe libtpu for TPU hosts; TensorFlow logs at its defaults).
