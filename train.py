@@ -8,7 +8,8 @@
 Runs resume from the newest checkpoint in --workdir. On TPU pods, SLURM and Open MPI the
 processes find each other by themselves; elsewhere pass the three multi-process flags.
 Exit codes: 0 done, 1 bad input (one `error:` line), 75 preempted (saved; run the same command
-again), 69 another process of a multi-process run died (restart all of them; they resume).
+again), 130 interrupted by Ctrl-C (saved at the next step; a second Ctrl-C stops at once), 69
+another process of a multi-process run died (restart all of them; they resume).
 """
 import importlib.util
 import logging as pylogging
@@ -37,6 +38,7 @@ flags.DEFINE_integer('peer_timeout_s', 60, 'Multi-process runs: a process silent
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: saved at a preemption notice; re-run to resume
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class _OwnInfoOnly(pylogging.Filter):
@@ -47,6 +49,26 @@ class _OwnInfoOnly(pylogging.Filter):
     def filter(self, record):
         return (record.levelno >= pylogging.WARNING or record.pathname == __file__
                 or record.pathname.startswith(self.PACKAGE))
+
+
+def follow_image_size(config):
+    """`--config.image_size=N` alone (no eval_image_size or eval_resize on the command line):
+    the recipe's evaluation sizes scaled by the same factor, so that a smaller training crop
+    is evaluated at the recipe's ratio (torchvision V2: 176 → 224 from 232; at 64: 81 from 84).
+    The recipe's own sizes come from its file, read again."""
+    overrides = config_flags.get_override_values(FLAGS['config'])
+    if 'image_size' not in overrides or {'eval_image_size', 'eval_resize'} & set(overrides):
+        return config
+    path, _, row = config_flags.get_config_filename(FLAGS['config']).partition(':')
+    spec = importlib.util.spec_from_file_location('recipe', path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    original = recipe.get_config(row) if row else recipe.get_config()
+    scale = config.image_size / original.image_size
+    for field in ('eval_image_size', 'eval_resize'):
+        if original.get(field):
+            setattr(config, field, max(1, round(original[field] * scale)))
+    return config
 
 
 def parse_flags(argv):
@@ -66,6 +88,7 @@ def main(argv):
         sys.exit(parallel.supervise([sys.executable] + sys.orig_argv[1:]))
     from resnext_jax import checkpoint, train, validate  # after flags: JAX starts now
     try:
+        follow_image_size(FLAGS.config)
         validate.check_config(FLAGS.config)
         with train.tidy_failed_start(FLAGS.workdir):
             validate.check_workdir(FLAGS.workdir)
@@ -74,7 +97,11 @@ def main(argv):
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except checkpoint.Preempted as e:  # saved: the scheduler may restart the same command
         print(e, file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(EXIT_INTERRUPTED if isinstance(e, checkpoint.Interrupted) else EXIT_PREEMPTED)
+    except KeyboardInterrupt:   # before the training loop, or a second Ctrl-C in it
+        print(f'interrupted: stopped without saving; {FLAGS.workdir} keeps its newest complete '
+              'checkpoint: run the same command again to resume from it', file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except (ValueError, OSError, FloatingPointError) as e:   # OSError: FileNotFoundError, …
         sys.exit(f'error: {" ".join(str(e).split())}')
     except RuntimeError as e:   # JaxRuntimeError too: a collective that lost its peer
@@ -86,4 +113,7 @@ def main(argv):
 if __name__ == '__main__':
     from resnext_jax import runtime
     runtime.prepare_process()
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:   # while the libraries load, before main's own handling
+        sys.exit(EXIT_INTERRUPTED)

@@ -224,7 +224,8 @@ def bench_torch(name, batch_size, image_size, mode, dtype, steps, warmup):
     device = torch_device(jax.default_backend(), torch.cuda.is_available())
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     model = torch_model(name).to(device, memory_format=torch.channels_last)
-    row = Row('torch', f'torchvision {torch.__version__} ({device})')
+    import torchvision   # noqa: PLC0415
+    row = Row(f'torch {torch.__version__}', f'torchvision {torchvision.__version__} ({device})')
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).to(
         memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,), device=device)
@@ -286,27 +287,37 @@ def environment():
                 glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''))
 
 
-def _fmt(v, spec):
-    return '—' if v is None else format(v, spec)
+def _fmt(v, spec, suffix=''):
+    """`v` formatted by `spec` (+ `suffix`), or '—' right-aligned to the same width."""
+    if v is None:
+        return '—'.rjust(len(format(0.0, spec) + suffix))
+    return format(v, spec) + suffix
 
 
-def format_rows(rows, torch_row=None):
-    head = (f"{'framework':9} {'form':24} {'train img/s':>11} {'infer img/s':>11} "
-            f"{'compile s':>9} {'peak MB':>9} {'plan MB':>9} {'MFU':>6}")
-    if torch_row:
-        head += f" {'train ×torch':>12} {'infer ×torch':>12}"
-    lines = [head]
-    for r in rows:
-        line = (f'{r.framework:9} {r.form:24} {_fmt(r.train_images_per_sec, "11.2f")} '
-                f'{_fmt(r.infer_images_per_sec, "11.2f")} {_fmt(r.compile_sec, "9.1f")} '
-                f'{_fmt(r.peak_memory_mb, "9.0f")} {_fmt(r.planned_memory_mb, "9.0f")} '
-                f'{_fmt(r.mfu and 100 * r.mfu, "5.1f%")}')
-        if torch_row and r is not torch_row:
-            ratio = lambda a, b: a / b if a and b else None  # noqa: E731
-            line += (f' {_fmt(ratio(r.train_images_per_sec, torch_row.train_images_per_sec), "12.2f")}'
-                     f' {_fmt(ratio(r.infer_images_per_sec, torch_row.infer_images_per_sec), "12.2f")}')
-        lines.append(line)
-    return '\n'.join(lines)
+# The table's columns: (title, width); framework and form left-aligned, figures right.
+COLUMNS = (('framework', 20), ('form', 34), ('train img/s', 11), ('infer img/s', 11),
+           ('compile s', 9), ('peak MB', 9), ('plan MB', 9), ('MFU', 6))
+RATIO_COLUMNS = (('train ×torch', 12), ('infer ×torch', 12))
+
+
+def format_header(with_torch=False):
+    cells = [f'{t:{w}}' if i < 2 else f'{t:>{w}}' for i, (t, w) in enumerate(COLUMNS)]
+    return ' '.join(cells + ([f'{t:>{w}}' for t, w in RATIO_COLUMNS] if with_torch else []))
+
+
+def format_row(r, torch_row=None):
+    """One line of the table: `r`, and with `torch_row` its speed as a multiple of PyTorch's."""
+    line = (f'{r.framework:20} {r.form:34} {_fmt(r.train_images_per_sec, "11.2f")} '
+            f'{_fmt(r.infer_images_per_sec, "11.2f")} {_fmt(r.compile_sec, "9.1f")} '
+            f'{_fmt(r.peak_memory_mb, "9.0f")} {_fmt(r.planned_memory_mb, "9.0f")} '
+            f'{_fmt(r.mfu and 100 * r.mfu, "5.1f", "%")}')
+    if torch_row is not None:   # PyTorch's own row: 1.00
+        def ratio(a, b):
+            return a / b if a and b else None
+        line += (f' {_fmt(ratio(r.train_images_per_sec, torch_row.train_images_per_sec), "12.2f")}'
+                 f' {_fmt(ratio(r.infer_images_per_sec, torch_row.infer_images_per_sec), "12.2f")}')
+    return line
+
 
 
 def _cpu_seconds():
@@ -582,27 +593,30 @@ def main(argv=None):
                 print(f"{r['form']:10} forward {r['forward_sec']:.3f} s   forward+backward "
                       f"{r['forward_backward_sec']:.3f} s")
         return
-    rows = []
-    for f in forms:
-        rows.append(bench_jax(args.model, args.batch_size, size, f, args.mode, args.dtype,
-                              args.steps, args.warmup, args.bn_group_size))
+    def show(line):   # the text table, one line as each row is measured
         if not args.json:
-            print(format_rows(rows[-1:]).splitlines()[1], file=sys.stderr, flush=True)
-    torch_row = None
-    if args.torch:
+            print(line, flush=True)
+
+    show(f'{args.model}, batch {args.batch_size}, {size}×{size}, {args.dtype}, '
+         f'{env["backend"]} ({env["device"]}, {env["device_count"]} device(s), '
+         f'{env["cpu_count"]} CPU cores), jax {env["jax"]}'
+         + ''.join(f', {k.upper()}={env[k]}' for k in ('xla_flags', 'glibc_tunables')
+                   if env[k]))
+    show(format_header(args.torch))
+    rows, torch_row = [], None
+    if args.torch:   # first: each JAX row then shows its speed as a multiple of PyTorch's
         torch_row = bench_torch(args.model, args.batch_size, size, args.mode, args.dtype,
                                 args.steps, args.warmup)
         rows.append(torch_row)
+        show(format_row(torch_row, torch_row))
+    for f in forms:
+        rows.append(bench_jax(args.model, args.batch_size, size, f, args.mode, args.dtype,
+                              args.steps, args.warmup, args.bn_group_size))
+        show(format_row(rows[-1], torch_row))
     if args.json:
         print(json.dumps(dict(environment=env, model=args.model, batch_size=args.batch_size,
                               image_size=size, dtype=args.dtype,
                               rows=[dataclasses.asdict(r) for r in rows]), indent=1))
-    else:
-        print(f'{args.model}, batch {args.batch_size}, {size}×{size}, {args.dtype}, '
-              f'{env["backend"]} ({env["device"]}, {env["device_count"]} device(s), '
-              f'{env["cpu_count"]} CPU cores), jax {env["jax"]}'
-              + ''.join(f', {k.upper()}={env[k]}' for k in ('xla_flags', 'glibc_tunables') if env[k]))
-        print(format_rows(rows, torch_row))
 
 
 if __name__ == '__main__':

@@ -44,6 +44,10 @@ class Preempted(Exception):
     """The run saved its state at a preemption notice and stopped; re-running resumes."""
 
 
+class Interrupted(Preempted):
+    """The same, for a Ctrl-C (SIGINT): saved and stopped; re-running resumes."""
+
+
 def run_meta(config, num_classes, class_names=None):
     """The JSON saved beside every state: what the state is, and how to feed it images (the
     preprocessing travels with the weights, as timm's pretrained configs do)."""
@@ -284,24 +288,41 @@ def _check_tree(saved, expected, what):
 # ------------------------------------------------------------------------------ preemption
 
 class PreemptionWatch:
-    """Tells the training loop when to save and stop for a preemption notice.
+    """Tells the training loop when to save and stop for a preemption notice or a Ctrl-C.
 
     On a multi-process run, JAX's preemption service (started by `jax.distributed.initialize`)
     catches SIGTERM on any process and makes every process reach the same step; on one process
-    a SIGTERM handler sets a flag. Use as a context manager around the loop."""
+    a SIGTERM handler sets a flag. A first SIGINT (Ctrl-C) is taken as such a notice too (on a
+    multi-process run it sends this process the SIGTERM the service listens for) and sets
+    `interrupted`; a second one raises KeyboardInterrupt at once, as Python's default does
+    (checkpoints are written to a temporary name first, so none is left half-written). Use as
+    a context manager around the loop; outside it, signals behave as before."""
 
     def __init__(self):
         self._flag = threading.Event()
-        self._previous = None
+        self.interrupted = False
+        self._previous = {}
+
+    def _sigint(self, *_):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # a second one stops
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self._flag.set()
 
     def __enter__(self):
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+        if threading.current_thread() is threading.main_thread():
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint)
+            if jax.process_count() == 1:
+                self._previous[signal.SIGTERM] = signal.signal(
+                    signal.SIGTERM, lambda *_: self._flag.set())
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
     def reached(self, step):
         """Whether to save `step` and stop. Every process must call it at every step."""

@@ -4,10 +4,13 @@ purpose (no JAX, no TensorFlow), so that arguments are checked before those star
 
 When the program is one of the package's tools (`python -m resnext_jax.NAME`), importing this
 module first applies `runtime.quiet_start()`: each tool imports it before TensorFlow, so
-TensorFlow's and libtpu's start-up lines stay off the screen. A program of your own that
+TensorFlow's and libtpu's start-up lines stay off the screen. It also gives SIGPIPE its default
+action, as Unix tools have it: `python -m resnext_jax.summary --list | head` ends quietly when
+`head` has read enough, instead of with a BrokenPipeError traceback. A program of your own that
 imports the package is left as it is."""
 import argparse
 import re
+import signal
 import sys
 
 from resnext_jax import runtime
@@ -23,6 +26,7 @@ def _tool_is_the_program():
 
 if _tool_is_the_program():
     runtime.quiet_start()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def integer(low=1):

@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from resnext_jax import image_settings, preprocess, sources
+from resnext_jax import image_settings, preprocess, runtime, sources
 
 
 def num_eval_batches(info_or_num_eval, batch_size, process_count) -> int:
@@ -248,7 +248,8 @@ def _guarded(source, part, config, batches, batch_examples, first):
             found = {}
             for index, decode in batch_examples(k, unreadable):
                 try:
-                    decode()
+                    with runtime.native_stderr_silenced():   # libjpeg's line, once more
+                        decode()
                 except tf.errors.OpError as why:
                     found[index] = _reason(why)
             if not found:

@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from resnext_jax import cli, convert, export
+from resnext_jax import cli, convert, export, runtime
 
 import tensorflow as tf   # after cli: quiet (cli's doc)
 
@@ -74,9 +74,11 @@ def load_image(path, meta=None):
     the checkpoint whose metadata is `meta` was (default: ImageNet's)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist: pass image files (JPEG, PNG, GIF, BMP)')
-    transform = preprocess.preprocess_fn(image_settings.eval_config(meta or {}), train=False, encoding='file')
+    transform = preprocess.preprocess_fn(image_settings.eval_config(meta or {}), train=False,
+                                         encoding='file')
     try:
-        return transform(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
+        with runtime.native_stderr_silenced():   # libjpeg's own line for a broken file
+            return transform(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
     except tf.errors.OpError:
         raise ValueError(f'{path} is not an image that TensorFlow can decode') from None
 
@@ -131,8 +133,9 @@ def predict_exported(fmt, path, images, top=5):
             raise FileNotFoundError(f'{image} does not exist: pass image files (JPEG, PNG, GIF, '
                                     'BMP)')
     try:
-        batch = np.stack([transform(tf.constant(p), tf.zeros([2], tf.int64)).numpy()
-                          for p in images])
+        with runtime.native_stderr_silenced():   # libjpeg's own line for a broken file
+            batch = np.stack([transform(tf.constant(p), tf.zeros([2], tf.int64)).numpy()
+                              for p in images])
     except tf.errors.OpError:
         raise ValueError('an image is not one that TensorFlow can decode') from None
     run, fixed = export.runner(fmt, path), meta['input']['shape'][0]
@@ -187,6 +190,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    from resnext_jax import runtime
     runtime.prepare_process()
     sys.exit(main())

@@ -32,6 +32,7 @@ no TPU chip and no GPU plugin, libtpu's failed probe for TPU hosts (`JAX_PLATFOR
 probe prints `E0000 … unexpected worker hostname …` once TensorFlow is loaded). Each is left
 alone when the variable is already set.
 """
+import contextlib
 import os
 import re
 import sys
@@ -142,3 +143,22 @@ def prepare_process():
             del os.environ['GLIBC_TUNABLES']
         else:
             os.environ['GLIBC_TUNABLES'] = previous
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Native libraries' stderr (file descriptor 2) goes to /dev/null inside: libjpeg's
+    `Improper call to JPEG library in state 201` and TensorFlow's `W0000 … local_rendezvous`
+    for an image that cannot be decoded, which the caller reports in its own line. For short
+    calls on the main thread only: everything written to the descriptor meanwhile is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

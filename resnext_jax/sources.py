@@ -12,6 +12,7 @@ either kind into per-process batches.
 import dataclasses
 import math
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -37,14 +38,18 @@ class DatasetInfo:
     num_train: int  # examples in the train split
     num_eval: int  # examples in the eval split
     image_size: int  # side of the square images the model sees (config.image_size)
+    class_names: tuple | None = None   # label i's name, where the dataset has names
 
 
 class ArraySource:
     """Random-access examples in memory: pixels (N, H, W, C) in 0..255, C ∈ {1, 3}.
 
     Subclasses keep encoded images instead (`encoding` 'file': paths, 'bytes': PNG/JPEG bytes).
+    `class_names`: label i's name, or None (set it on a source of your own to have checkpoints
+    record them).
     """
     encoding = None
+    class_names = None
 
     def __init__(self, train_images, train_labels, eval_images, eval_labels, num_classes):
         self.num_classes = int(num_classes)
@@ -166,7 +171,9 @@ def _digits(config):
         raise ValueError(f"digits has splits 'train' and 'test', not {splits}: fix "
                          '--config.train_split / --config.eval_split')
     (tr, ev) = (parts[s] for s in splits)
-    return ArraySource(images[tr], digits.target[tr], images[ev], digits.target[ev], 10)
+    source = ArraySource(images[tr], digits.target[tr], images[ev], digits.target[ev], 10)
+    source.class_names = tuple(str(d) for d in range(10))
+    return source
 
 
 def _folder(root, config):
@@ -201,10 +208,26 @@ def _folder(root, config):
         if not files:
             raise ValueError(f'no {"/".join(IMAGE_EXTENSIONS)} images in {path}/<class>/')
         parts += [np.array(files, dtype=object), np.array(labels)]
-    return EncodedSource('file', *parts, len(classes))
+    source = EncodedSource('file', *parts, len(classes))
+    source.class_names = tuple(classes)   # the class folders' names
+    return source
 
 
 def _tfds(config):
+    source = _tfds_source(config)
+    names = source_names = None
+    try:
+        source_names = tfds.builder(config.dataset, data_dir=config.data_dir).info.features[
+            'label'].names
+    except Exception:   # noqa: BLE001 (no names in this dataset's metadata)
+        pass
+    if source_names and not all(re.fullmatch(r'n\d{8}', n) for n in source_names):
+        names = tuple(source_names)   # WordNet ids (imagenet2012) are no names: predict's own
+    source.class_names = names
+    return source
+
+
+def _tfds_source(config):
     name, data_dir = config.dataset, config.data_dir
     splits = [config.train_split, config.eval_split]
     try:
@@ -216,8 +239,8 @@ def _tfds(config):
         counts = [_count(builder, split) for split in splits]
     except Exception:  # TFDS raises assorted errors when the files are not there.
         raise ValueError(f"dataset '{name}' is not prepared in {data_dir or builder.data_dir}: "
-                         'download it manually as TFDS explains, or set --config.data_dir'
-                         ) from None
+                         f'{preparation(name, data_dir, builder)}, or set --config.data_dir to '
+                         'where it is') from None
     formats = {builder.info.file_format, *builder.info.alternative_file_formats}
     records = RecordSource(builder, *splits) if ARRAY_RECORD in formats else None
     in_memory = config.in_memory
@@ -248,6 +271,19 @@ def _tfds(config):
                                                                         num_classes)
 
 
+def preparation(name, data_dir, builder):
+    """How to prepare TFDS dataset `name` in `data_dir`, as one clause: `tfds build` (TFDS
+    downloads it), after a manual download for the datasets that need one (imagenet2012)."""
+    where = f' --data_dir={data_dir}' if data_dir else ''
+    if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+        manual = (f'{data_dir}/downloads/manual' if data_dir
+                  else '~/tensorflow_datasets/downloads/manual')
+        return (f'download its archives by hand as TFDS says (for imagenet2012: '
+                f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org) into '
+                f'{manual}, then run `tfds build {name}{where}`')
+    return f'run `tfds build {name}{where}` (TFDS downloads it)'
+
+
 def _count(builder, split):
     try:
         return builder.info.splits[split].num_examples
@@ -266,5 +302,6 @@ def make_source(config):
 
 def dataset_info(config, source=None) -> DatasetInfo:
     source = source or make_source(config)
-    return DatasetInfo(source.num_classes, source.num_train, source.num_eval, config.image_size)
+    return DatasetInfo(source.num_classes, source.num_train, source.num_eval, config.image_size,
+                       getattr(source, 'class_names', None))
 

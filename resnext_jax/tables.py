@@ -12,7 +12,10 @@ batch norm, ReLU, pooling and additions are not counted. The paper prints 3 sign
 
 Accuracy rows: every row of Tables 3, 4, 5 and 7 and the Fig. 7 CIFAR series is a recipe,
 `python train.py --config=configs/paper.py:ROW`, whose config `name` is the row id; `--results`
-matches workdirs to rows by the `name` in their `config.json`. The modern recipes
+matches workdirs to rows by the `name` in their `config.json`. A run fills its row only if it
+trained the row's recipe: the same network, dataset and splits, image and evaluation sizes,
+augmentation family and schedule (`COMPARED`); otherwise its line says what differs
+(`not comparable: dataset folder:…, image_size 64`). The modern recipes
 (`MODERN_ROWS`, `configs/modern.py:ROW`) are reported the same way beside their published
 top-1 and top-5 (torchvision's weight metadata, timm's results-imagenet.csv); rows whose recipe
 keeps an EMA report the EMA weights, as the published ones are.
@@ -243,8 +246,35 @@ def format_architecture(a):
 
 # --------------------------------------------------------------------------- results report
 
+# What a run must share with its row's recipe to count as a reproduction of it.
+COMPARED = ('model', 'model_options', 'dataset', 'train_split', 'eval_split', 'image_size',
+            'eval_image_size', 'eval_resize', 'augment', 'schedule', 'num_epochs',
+            'num_train_steps')
+
+
+def recipe(row_id):
+    """The config of a row's recipe (configs/paper.py or configs/modern.py), as JSON; None where
+    the configs/ folder is not importable (run the tool from the repository)."""
+    try:
+        from configs import modern, paper   # noqa: PLC0415 (they import this module)
+    except ImportError:
+        return None
+    config = (modern if row_id in MODERN_ROW_IDS else paper).get_config(row_id)
+    return json.loads(config.to_json_best_effort())
+
+
+def differences(config, row_id):
+    """['FIELD value', ...]: where a run's config (config.json) differs from its row's recipe in
+    `COMPARED`; ['recipe unknown …'] where configs/ cannot be read."""
+    expected = recipe(row_id)
+    if expected is None:
+        return ['recipe unknown (run from the repository, where configs/ is)']
+    return [f'{k} {config.get(k)}' for k in COMPARED if config.get(k) != expected.get(k)]
+
+
 def read_run(workdir):
-    """{'name', 'workdir', 'top1', 'top5', 'step', 'num_steps', 'finished'}: the last eval."""
+    """{'name', 'workdir', 'config', 'top1', 'top5', 'step', 'num_steps', 'finished'}: the run's
+    config.json and its last eval."""
     workdir = epath.Path(workdir)
     config = json.loads((workdir / 'config.json').read_text())
     evals = []
@@ -253,7 +283,8 @@ def read_run(workdir):
         evals = [r for r, _ in metrics_lib.read_lines(metrics.read_text(), metrics)
                  if r['split'] == 'eval']
     last = evals[-1] if evals else {}
-    return dict(name=config.get('name', ''), workdir=str(workdir), top1=last.get('top1'),
+    return dict(name=config.get('name', ''), workdir=str(workdir), config=config,
+                top1=last.get('top1'),
                 top5=last.get('top5'), ema_top1=last.get('ema_top1'),
                 ema_top5=last.get('ema_top5'), step=last.get('step'),
                 num_steps=last.get('num_steps'),
@@ -279,14 +310,18 @@ def results(workdirs):
         run = runs.get(r.id) or runs.get(ALIASES.get(r.id, ''))
         ours = {}
         prefix = 'ema_' if r.ema else ''
-        if run and run[prefix + 'top1'] is not None:
+        differs = differences(run['config'], r.id) if run else []
+        if differs:   # another dataset, size or schedule: no reproduction of the row
+            ours = dict(status=f"not comparable: {', '.join(differs)}", differs=differs,
+                        workdir=run['workdir'])
+        elif run and run[prefix + 'top1'] is not None:
             ours = dict(top1_err=round(100 * (1 - run[prefix + 'top1']), 2),
                         top5_err=round(100 * (1 - run[prefix + 'top5']), 2),
                         status='done' if run['finished'] else
                         f"running (step {run['step']}/{run['num_steps']})",
                         workdir=run['workdir'])
         status = ('not provided' if not r.provided else ours.get('status', 'not run'))
-        if r.ema and ours:
+        if r.ema and ours and not differs:
             status += ', EMA weights'
         rows.append(dict(row=r.id, table=r.table, label=r.label, dataset=r.dataset,
                          paper_top1_err=r.top1_err, paper_top5_err=r.top5_err,

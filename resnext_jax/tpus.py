@@ -122,6 +122,11 @@ def slice_devices(tpu_slice):
         raise ValueError("libtpu is not installed: pip install -e '.[tpu]'")
     # Without a TPU VM around it, libtpu would ask the GCE metadata server what it runs on.
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+    # ... and JAX then tells libtpu that this machine's TPU type and worker hostnames are a
+    # WARNING text, which libtpu prints with its own complaints (`Failed to find host bounds`,
+    # `E0000 … unexpected worker hostname … Source Location Trace`): a compile needs neither.
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', tpu_slice.name)
     # libtpu lets one process at a time load it (/tmp/libtpu_lockfile), to guard the chips;
     # compiling for devices that are not there needs no guard, and plans may run side by side.
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')

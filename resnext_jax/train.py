@@ -192,7 +192,7 @@ def _run(config, workdir, source, mesh):
         logging.info('fsdp: %d of %d state arrays (≥ %d elements) split over %d devices: %s',
                      len(split), len(jax.tree_util.tree_leaves(shardings)),
                      config.fsdp_min_size, mesh.size, ', '.join(split))
-    meta = checkpoint.run_meta(config, info.num_classes)
+    meta = checkpoint.run_meta(config, info.num_classes, info.class_names)
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints,
                                          async_save=config.async_checkpoints)
     state, start = checkpoints.restore(abstract, shardings, meta)
@@ -210,11 +210,15 @@ def _run(config, workdir, source, mesh):
         config = image_settings.as_trained(config, weights[1], weights[0])
     params_count = sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))
     devices = jax.devices()
-    logging.info('%s (%s parameters) on %s: %d %s device%s in %d process%s; %d steps of %d '
-                 'images (%.1f epochs); the full config is in %s', config.model,
-                 f'{params_count:,}', config.dataset, len(devices), devices[0].device_kind,
-                 's' * (len(devices) > 1), process_count, 'es' * (process_count > 1), num_steps,
-                 config.batch_size, num_steps / steps_per_epoch, workdir / 'config.json')
+    size, eval_size = config.image_size, image_settings.eval_size(config)
+    logging.info('%s (%s parameters) on %s, %d×%d images (evaluated at %d×%d%s): %d %s device%s '
+                 'in %d process%s; %d steps of %d images (%.1f epochs); the full config is in %s',
+                 config.model, f'{params_count:,}', config.dataset, size, size, eval_size,
+                 eval_size, f', the shorter side at {image_settings.eval_resize(config)}'
+                 if config.augment == 'imagenet' else '', len(devices),
+                 devices[0].device_kind, 's' * (len(devices) > 1), process_count,
+                 'es' * (process_count > 1), num_steps, config.batch_size,
+                 num_steps / steps_per_epoch, workdir / 'config.json')
     if image_settings.per_pixel(config):
         logging.info("per-pixel augmentation %s (augment_on='%s')",
                      'in the jitted step' if image_settings.on_device(config) else 'on the host',
@@ -287,9 +291,11 @@ def _run(config, workdir, source, mesh):
                 if preempted:
                     checkpoints.save(step, state, meta)
                     checkpoints.wait()
-                    raise checkpoint.Preempted(
-                        f'preempted: saved step {step} of {num_steps} in '
-                        f'{checkpoints.directory}; run the same command again to resume')
+                    stop = checkpoint.Interrupted if preemption.interrupted else (
+                        checkpoint.Preempted)
+                    raise stop(f'{"interrupted" if preemption.interrupted else "preempted"}: '
+                               f'saved step {step} of {num_steps} in {checkpoints.directory}; '
+                               'run the same command again to resume')
                 if step % config.checkpoint_every_steps == 0 or step == num_steps:
                     checkpoints.save(step, state, meta)
         if result is None:  # eval_only or nothing left to train: report the restored state

@@ -77,6 +77,31 @@ def test_a_recipe_is_timed_beside_the_host_cores_that_feed_it(tmp_path):
         'error: batch_size 12 is not divisible by the 8 devices: fix --config.batch_size')
 
 
+def test_the_table_is_printed_once_aligned_naming_each_framework(capsys):
+    """One header and one line per row on stdout, nothing on stderr; every line as long as the
+    header (a missing figure is a '—' in its column); PyTorch named with its version and
+    torchvision's; its own speed ratio 1.00."""
+    torch = pytest.importorskip('torch')
+    torchvision = pytest.importorskip('torchvision')
+    benchmark.main(['--model', 'resnext29_2x4d', '--batch-size', '8', '--image-size', '8',
+                    '--form', 'auto,grouped', '--steps', '1', '--warmup', '0', '--torch'])
+    out, err = capsys.readouterr()
+    assert err == ''
+    title, header, *lines = out.strip('\n').splitlines()
+    assert title.startswith('resnext29_2x4d, batch 8, 8×8, float32, cpu')
+    assert header.startswith('framework') and 'train ×torch' in header
+    assert len(lines) == 3 and {len(line) for line in lines} == {len(header)}
+    torch_line, *jax_lines = lines
+    assert torch_line.startswith(f'torch {torch.__version__} ') and (
+        f'torchvision {torchvision.__version__} (cpu)' in torch_line)
+    assert torch_line.split()[-2:] == ['1.00', '1.00']
+    assert [line.split()[1] for line in jax_lines] == ['auto=sliced', 'grouped']
+    assert all('—' in line for line in lines)   # no peak memory on CPU
+    # an accelerator's MFU column (it raised ValueError: '5.1f%' is no format)
+    row = benchmark.format_row(benchmark.Row('jax', 'grouped', 1.0, 2.0, 3.0, 4.0, 5.0, 0.4567))
+    assert row.endswith(' 45.7%') and len(row) == len(benchmark.format_header())
+
+
 def test_benchmark_layer_and_errors(capsys):
     benchmark.main(['--layer', '--batch-size', '2', '--image-size', '8', '--width', '16',
                     '--groups', '4', '--steps', '1', '--warmup', '0'])

@@ -225,7 +225,39 @@ def test_cli_a_disk_that_fills_ends_in_the_one_error_line_without_tracebacks(tmp
 
 # ------------------------------------------------------------------------------ preemption
 
-def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_and_leaves_only_whole_checkpoints(tmp_path):
+    """Ctrl-C twice in quick succession in the middle of training: the run stops without a
+    traceback (exit 130, one line), every checkpoint left is readable, and the same command
+    resumes and finishes."""
+    config_file = tiny_config_file(tmp_path, 'num_train_steps=400, checkpoint_every_steps=3')
+    proc = start_cli(tmp_path / 'run', f'--config={config_file}')
+    metrics = tmp_path / 'run' / 'metrics.jsonl'
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith('interrupted: ')
+    assert_restorable_and_finite(tmp_path / 'run', steps_in(tmp_path / 'run'))
+    resumed = start_cli(tmp_path / 'run', f'--config={config_file}', '--config.num_train_steps=12')
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-2000:]
+
+
+@pytest.mark.parametrize('stop, code, word', [(signal.SIGTERM, 75, 'preempted'),
+                                              (signal.SIGINT, 130, 'interrupted')],
+                         ids=['SIGTERM', 'SIGINT'])
+def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(
+        tmp_path, stop, code, word):
+    """A preemption notice (SIGTERM) or a Ctrl-C (SIGINT) at a random step: the run saves the
+    step it is at, says so in one line, exits 75 or 130, and the same command resumes it to
+    the end of an uninterrupted run."""
     config_file = tiny_config_file(
         tmp_path, 'num_train_steps=16, checkpoint_every_steps=100, eval_every_epochs=8 / 89')
     args = [f'--config={config_file}']
@@ -239,14 +271,14 @@ def test_sigterm_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= signal_after:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(stop)
             break
         time.sleep(0.05)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 75, (signal_after, stderr[-2000:])
-    assert 'Traceback' not in stderr
+    assert proc.returncode == code, (signal_after, stderr[-2000:])
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith('preempted: saved step ') and last.endswith(
+    assert last.startswith(f'{word}: saved step ') and last.endswith(
         'run the same command again to resume'), last
     saved = int(last.split('saved step ')[1].split()[0])
     assert steps_in(tmp_path / 'run') == [saved] and signal_after <= saved < 16

@@ -1,6 +1,7 @@
 """Every bad command-line input to the tools is one `error:` line on stderr and exit status 1:
 no traceback, no usage block, no start-up noise (TensorFlow's C++ lines, absl INFO logs)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -92,3 +93,24 @@ def test_benchmark_help_lists_the_input_flags(capsys):
     assert e.value.code == 0
     for flag in ('--input', '--config', '--seconds'):
         assert f'\n  {flag} ' in out, out
+
+
+@pytest.mark.parametrize('command', ['summary --list', 'tables', 'summary --all --json'])
+def test_a_closed_pipe_ends_a_tool_quietly(command):
+    """`python -m resnext_jax.TOOL … | head -1`: one line, no BrokenPipeError traceback."""
+    p = subprocess.run(f'{sys.executable} -m resnext_jax.{command} | head -1', shell=True,
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.stdout.count('\n') == 1 and p.stderr == '', p.stderr[-2000:]
+
+
+def test_the_readme_log_excerpt_cites_the_lines_that_log():
+    """The quick start's log in the README names `train.py:N` for each line: N must still be a
+    `logging.info(` call of train.py or resnext_jax/train.py (absl prints the file's base name),
+    so that the excerpt stays what a run prints."""
+    readme = open(os.path.join(REPO, 'README.md')).read()
+    cited = sorted({int(n) for n in re.findall(r'train\.py:(\d+)\]', readme)})
+    assert len(cited) >= 6
+    sources = [open(os.path.join(REPO, *p)).read().splitlines()
+               for p in (('train.py',), ('resnext_jax', 'train.py'))]
+    for n in cited:
+        assert any(n <= len(lines) and 'logging.info(' in lines[n - 1] for lines in sources), n

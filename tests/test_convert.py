@@ -555,3 +555,46 @@ def test_full_size_torchvision_networks_match(name):
 
     state_dict = convert.flax_to_torch(variables, model)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+
+
+def test_a_run_records_its_class_names_and_predict_prints_them(tmp_path, capsys):
+    """An image folder's class folders (here blue/, green/, red/) are its class names: the
+    checkpoints, exported weights and exported models record them, and predict prints them."""
+    from PIL import Image
+    colours = {'blue': (0, 0, 255), 'green': (0, 255, 0), 'red': (255, 0, 0)}
+    for split in ('train', 'validation'):
+        for name, rgb in colours.items():
+            (tmp_path / 'data' / split / name).mkdir(parents=True)
+            for i in range(8):
+                Image.new('RGB', (8, 8), tuple(max(0, c - 9 * i) for c in rgb)).save(
+                    tmp_path / 'data' / split / name / f'{i}.png')
+    config = helpers.tiny_config(dataset=f'folder:{tmp_path / "data"}', eval_split='validation',
+                                 augment='none', batch_size=8, num_train_steps=2)
+    train.train_and_evaluate(config, tmp_path / 'run')
+    assert checkpoint.load_checkpoint(tmp_path / 'run')[1]['class_names'] == [
+        'blue', 'green', 'red']
+    convert.export_weights(str(tmp_path / 'run'), str(tmp_path / 'w.npz'))
+    image = str(tmp_path / 'data' / 'validation' / 'red' / '0.png')
+    for weights in (tmp_path / 'run', tmp_path / 'w.npz'):
+        (_, top), = predict.predict(str(weights), [image], top=3)
+        assert sorted(label for _, label in top) == ['blue', 'green', 'red']
+    assert predict.main(['--checkpoint', str(tmp_path / 'w.npz'), image]) == 0
+    printed = capsys.readouterr().out.split()
+    assert {'blue', 'green', 'red'} <= set(printed) and not {'0', '1', '2'} & set(printed)
+
+
+def test_predict_on_a_broken_image_prints_only_its_own_line(digits_run, tmp_path):
+    """A truncated JPEG: one `error:` line, without libjpeg's `Improper call to JPEG library`
+    or TensorFlow's `W0000 … local_rendezvous` lines before it."""
+    _, run, _ = digits_run
+    good = tmp_path / 'good.jpg'
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), np.uint8)).save(good)
+    broken = tmp_path / 'broken.jpg'
+    broken.write_bytes(good.read_bytes()[:300])
+    p = subprocess.run([sys.executable, '-m', 'resnext_jax.predict', '--checkpoint', str(run),
+                        str(broken)], cwd=helpers.REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [
+        f'error: {broken} is not an image that TensorFlow can decode'], p.stderr

@@ -48,7 +48,7 @@ def digits():
 def test_digits_split_is_the_held_out_fifth(digits):
     config = make_config(image_size=8, augment='none', mean=(0., 0., 0.), std=(1., 1., 1.))
     info = sources.dataset_info(config, digits)
-    assert info == sources.DatasetInfo(10, 1437, 360, 8)
+    assert info == sources.DatasetInfo(10, 1437, 360, 8, tuple('0123456789'))
     sk = load_digits()
     held_out = np.random.default_rng(0).permutation(1797)[-360:]
     expected = np.round(sk.images[held_out] * 255 / 16)
@@ -221,7 +221,8 @@ def test_folder_source(tmp_path):
             (folder / 'notes.txt').write_text('not an image')
     config = make_config(dataset=f'folder:{tmp_path}', eval_split='val', image_size=8)
     source = sources.make_source(config)
-    assert sources.dataset_info(config, source) == sources.DatasetInfo(3, 9, 3, 8)
+    assert sources.dataset_info(config, source) == sources.DatasetInfo(3, 9, 3, 8,
+                                                                       ('cat', 'dog', 'emu'))
     ev = list(data.eval_batches(config, 8, source=source))
     assert len(ev) == 1 and ev[0]['mask'].sum() == 3
     assert list(ev[0]['label'][:3]) == [0, 2, 2]  # cat, emu, emu in sorted class order
@@ -297,8 +298,18 @@ def test_the_eval_resize_keeps_its_ratio_when_the_image_size_changes():
 def test_unknown_and_unprepared_datasets(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
         sources.make_source(make_config(dataset='no_such_set'))
-    with pytest.raises(ValueError, match="'mnist' is not prepared in .*data_dir"):
+    # the error names the command that prepares it (TFDS downloads mnist itself; imagenet2012
+    # needs its archives first)
+    with pytest.raises(ValueError) as error:
         sources.make_source(make_config(dataset='mnist', data_dir=str(tmp_path)))
+    assert str(error.value) == (
+        f"dataset 'mnist' is not prepared in {tmp_path}: run `tfds build mnist "
+        f"--data_dir={tmp_path}` (TFDS downloads it), or set --config.data_dir to where it is")
+    with pytest.raises(ValueError) as error:
+        sources.make_source(make_config(dataset='imagenet2012', data_dir=str(tmp_path)))
+    assert (f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org) into '
+            f'{tmp_path}/downloads/manual, then run `tfds build imagenet2012 '
+            f'--data_dir={tmp_path}`') in str(error.value) and '\n' not in str(error.value)
 
 
 def test_array_source_errors(digits):

@@ -182,6 +182,21 @@ def test_report_from_real_runs(tmp_path, monkeypatch, capsys):
     with open(partial / 'metrics.jsonl', 'a') as f:   # the run killed in the middle of a write
         f.write('{"step": 3, "split": "eval", "lo')
 
+    # Tiny runs under the rows' names are no reproductions: each says what differs, and fills
+    # no cell.
+    rows = {r['row']: r for r in tables.results([str(done), str(partial)])}
+    for row in ('table7_cifar10_resnext29_8x64d', 'table3_resnext50_32x4d'):
+        assert rows[row]['status'].startswith('not comparable: model resnext29_2x4d, ')
+        assert 'dataset digits' in rows[row]['status'] and 'top1_err' not in rows[row]
+    assert 'num_train_steps 2' in rows['table7_cifar10_resnext29_8x64d']['differs']
+    tables.main(['--results', str(done)])
+    line = next(l for l in capsys.readouterr().out.splitlines() if 'ResNeXt-29 8×64d' in l)
+    assert 'not comparable: ' in line and line.count('—') >= 2   # no cell of ours
+
+    # The same runs as the recipes' own (their config.json the recipe's): they count.
+    for workdir, row in ((done, 'table7_cifar10_resnext29_8x64d'),
+                         (partial, 'table3_resnext50_32x4d')):
+        (workdir / 'config.json').write_text(json.dumps(tables.recipe(row)))
     rows = {r['row']: r for r in tables.results([str(done), str(partial)])}
     for row, workdir, status in (('table7_cifar10_resnext29_8x64d', done, 'done'),
                                  ('fig7_cifar10_resnext29_8x64d', done, 'done'),
@@ -286,7 +301,7 @@ def test_every_modern_recipe_takes_a_step_with_all_its_ingredients():
 def test_report_of_a_modern_run_shows_the_ema_beside_the_published(tmp_path, capsys):
     run = tmp_path / 'tv2'
     run.mkdir()
-    (run / 'config.json').write_text(json.dumps({'name': 'torchvision_v2_resnext50_32x4d'}))
+    (run / 'config.json').write_text(json.dumps(tables.recipe('torchvision_v2_resnext50_32x4d')))
     (run / 'metrics.jsonl').write_text(json.dumps(
         {'step': 10, 'split': 'eval', 'loss': 1.0, 'top1': 0.75, 'top5': 0.9, 'ema_top1': 0.8,
          'ema_top5': 0.95, 'num_examples': 50000, 'num_steps': 10}) + '\n')
@@ -300,6 +315,14 @@ def test_report_of_a_modern_run_shows_the_ema_beside_the_published(tmp_path, cap
     line = next(l for l in capsys.readouterr().out.splitlines() if 'torchvision V2' in l
                 and '50' in l)
     assert '18.80' in line and '20.00' in line and 'done, EMA weights' in line
+    # the issue's case: 4 steps at 64 px on a 3-class folder is no reproduction of the row
+    config = {**tables.recipe('torchvision_v2_resnext50_32x4d'), 'dataset': 'folder:/data/rgb',
+              'image_size': 64, 'eval_image_size': 81, 'eval_resize': 84, 'num_train_steps': 4}
+    (run / 'config.json').write_text(json.dumps(config))
+    mine = {r['row']: r for r in tables.results([str(run)])}['torchvision_v2_resnext50_32x4d']
+    assert mine['status'] == ('not comparable: dataset folder:/data/rgb, image_size 64, '
+                              'eval_image_size 81, eval_resize 84, num_train_steps 4')
+    assert 'top1_err' not in mine and 'top5_err' not in mine
     tables.main(['--rows', 'rsb'])
     assert capsys.readouterr().out.split() == [r.id for r in tables.MODERN_ROWS
                                                if r.table == 'rsb']

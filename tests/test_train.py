@@ -434,3 +434,21 @@ def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
     train.train_and_evaluate(tiny_config(num_train_steps=4, profile_steps='2:4'), tmp_path)
     traces = list((tmp_path / 'tensorboard' / 'plugins' / 'profile').glob('*/*.xplane.pb'))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_an_image_size_override_brings_the_evaluation_sizes_along(tmp_path):
+    """`--config.image_size=N` alone scales the recipe's eval_image_size and eval_resize by the
+    same factor (a recipe evaluating 12 from 14 after training at 8: at 4, 6 from 7), and the
+    first screen says both sizes; sizes given on the command line are kept."""
+    config = tiny_config_file(tmp_path, 'num_train_steps=1, image_size=8, eval_image_size=12, '
+                                        "eval_resize=14, augment='imagenet'")
+    sizes = {}
+    for name, extra in (('follow', []), ('given', ['--config.eval_image_size=8'])):
+        out = run_cli(f'--config={config}', f'--workdir={tmp_path / name}',
+                      '--config.image_size=4', *extra)
+        assert out.returncode == 0, out.stderr[-3000:]
+        saved = json.loads((tmp_path / name / 'config.json').read_text())
+        sizes[name] = (saved['image_size'], saved['eval_image_size'], saved['eval_resize'])
+        if name == 'follow':
+            assert '4×4 images (evaluated at 6×6, the shorter side at 7)' in out.stderr
+    assert sizes == {'follow': (4, 6, 7), 'given': (4, 8, 14)}
