@@ -1,7 +1,8 @@
 """ResNeXt ("Aggregated Residual Transformations for Deep Neural Networks") in JAX/Flax.
 
 The names below load on first use, so `import resnext_jax.runtime` (the tools' first step) and
-a tool's `--help` do not wait for JAX and Flax.
+a tool's `--help` do not wait for JAX and Flax. `resnext_jax.nnx` is the same networks as Flax
+NNX modules.
 """
 import importlib
 
@@ -13,6 +14,8 @@ __version__ = '0.1.0'
 
 
 def __getattr__(name):
+    if name == 'nnx':   # the Flax NNX front end: resnext_jax.nnx.create_model(...)
+        return importlib.import_module(f'{__name__}.nnx')
     if name not in _WHERE:
         raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
     value = getattr(importlib.import_module(f'{__name__}.{_WHERE[name]}'), name)

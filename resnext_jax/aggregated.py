@@ -140,27 +140,37 @@ class AggregatedTransform(nn.Module):
         bn1, bn2 = self.norm(name='bn1'), self.norm(name='bn2')
         last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         bn3 = self.norm(name='bn3', scale_init=last_scale)
+        return aggregated_branch(x, w1, w2, w3, bn1, bn2, bn3, C, self.strides, form)
 
-        def split(a, axis=-1):
-            return jnp.split(a, C, axis=axis)
 
-        def transform_3x3(h, w2):  # the only layer whose form matters
-            if form == 'grouped':
-                return conv(h, w2, self.strides, groups=C)
-            if form == 'sliced':
-                return sliced_conv(h, w2, C, self.strides)
-            if form == 'blockdiag':
-                return conv(h, block_diagonal(w2, C), self.strides)
-            return jnp.concatenate(   # 'paths', 'concat': one 3×3 per path
-                [conv(hi, wi, self.strides) for hi, wi in zip(split(h), split(w2))], -1)
+def aggregated_branch(x, w1, w2, w3, bn1, bn2, bn3, cardinality, strides=1, form='grouped'):
+    """Eq. 3 without the shortcut: Σ_{i=1..C} τ_i(x) and its batch norm, each τ_i a 1×1
+    convolution to d channels, a 3×3 d → d (stride `strides`) and a 1×1 to the output, with
+    batch norm and ReLU after the first two and batch norm after the sum: in the form `form`
+    (resolved: not 'auto'), from the kernels w1 (1, 1, in, C·d), w2 (3, 3, d, C·d), w3 (1, 1,
+    C·d, out) and the three norms (callables). The Linen and NNX modules both call it."""
+    C = cardinality
 
-        if form in ('paths', 'concat'):
-            h = jnp.concatenate([conv(x, w) for w in split(w1)], -1)
-        else:
-            h = conv(x, w1)
-        h = nn.relu(bn2(per_device(transform_3x3, nn.relu(bn1(h)), w2)))
-        if form == 'paths':
-            y = sum(conv(hi, wi) for hi, wi in zip(split(h), split(w3, axis=2)))
-        else:
-            y = conv(h, w3)
-        return bn3(y)
+    def split(a, axis=-1):
+        return jnp.split(a, C, axis=axis)
+
+    def transform_3x3(h, w2):  # the only layer whose form matters
+        if form == 'grouped':
+            return conv(h, w2, strides, groups=C)
+        if form == 'sliced':
+            return sliced_conv(h, w2, C, strides)
+        if form == 'blockdiag':
+            return conv(h, block_diagonal(w2, C), strides)
+        return jnp.concatenate(   # 'paths', 'concat': one 3×3 per path
+            [conv(hi, wi, strides) for hi, wi in zip(split(h), split(w2))], -1)
+
+    if form in ('paths', 'concat'):
+        h = jnp.concatenate([conv(x, w) for w in split(w1)], -1)
+    else:
+        h = conv(x, w1)
+    h = nn.relu(bn2(per_device(transform_3x3, nn.relu(bn1(h)), w2)))
+    if form == 'paths':
+        y = sum(conv(hi, wi) for hi, wi in zip(split(h), split(w3, axis=2)))
+    else:
+        y = conv(h, w3)
+    return bn3(y)

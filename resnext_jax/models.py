@@ -54,30 +54,37 @@ class GroupedBatchNorm(nn.Module):
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
         scale = self.param('scale', self.scale_init, (c,), self.param_dtype)
         bias = self.param('bias', self.bias_init, (c,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-            y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
-            return y.astype(self.dtype)
-        n, g = x.shape[0], self.group_size
-        if n % g:
-            raise ValueError(f'batch norm groups of {g} images do not divide the batch of {n} '
-                             'images; change bn_group_size or the batch size')
-        axes = tuple(range(1, x.ndim - 1))
-        per_image = jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)   # (n, c) each
-        mean, mean_sq = (s.reshape(n // g, g, c).mean(1) for s in per_image)  # (groups, c)
-        var = jnp.maximum(0.0, mean_sq - jnp.square(mean))   # as nn.BatchNorm computes it
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0)
-            ra_var.value = m * ra_var.value + (1 - m) * var.mean(0)
-        # y = x·a + b per image, a and b its group's: the backward pass then keeps x, which the
-        # convolution's gradient keeps anyway, not a float32 copy of x − mean.
-        a = lax.rsqrt(var + self.epsilon) * scale
-        a, b = (jnp.repeat(t, g, 0).reshape((n,) + (1,) * (x.ndim - 2) + (c,))
-                for t in (a, bias - mean * a))
-        return (x32 * a + b).astype(self.dtype)
+        y, stats = grouped_batch_norm(x, scale, bias, ra_mean.value, ra_var.value,
+                                      self.group_size, self.epsilon, self.momentum,
+                                      not self.use_running_average)
+        if stats is not None and not self.is_initializing():
+            ra_mean.value, ra_var.value = stats
+        return y.astype(self.dtype)
 
+
+def grouped_batch_norm(x, scale, bias, mean, var, group_size, epsilon, momentum, training):
+    """`GroupedBatchNorm`'s arithmetic, which the Linen and NNX modules both call: (the float32
+    output, (new running mean, new running var) in training or None)."""
+    c = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    if not training:
+        return (x32 - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, None
+    n, g = x.shape[0], group_size
+    if n % g:
+        raise ValueError(f'batch norm groups of {g} images do not divide the batch of {n} '
+                         'images; change bn_group_size or the batch size')
+    axes = tuple(range(1, x.ndim - 1))
+    per_image = jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)   # (n, c) each
+    group_mean, mean_sq = (s.reshape(n // g, g, c).mean(1) for s in per_image)  # (groups, c)
+    group_var = jnp.maximum(0.0, mean_sq - jnp.square(group_mean))   # as nn.BatchNorm does
+    stats = (momentum * mean + (1 - momentum) * group_mean.mean(0),
+             momentum * var + (1 - momentum) * group_var.mean(0))
+    # y = x·a + b per image, a and b its group's: the backward pass then keeps x, which the
+    # convolution's gradient keeps anyway, not a float32 copy of x − mean.
+    a = lax.rsqrt(group_var + epsilon) * scale
+    a, b = (jnp.repeat(t, g, 0).reshape((n,) + (1,) * (x.ndim - 2) + (c,))
+            for t in (a, bias - group_mean * a))
+    return x32 * a + b, stats
 
 class Stem(nn.Module):
     """ImageNet: 7×7/2 conv, BN, ReLU, 3×3/2 max-pool. CIFAR: 3×3 conv, BN, ReLU."""
@@ -89,13 +96,16 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        size, strides = (7, 2) if self.kind == 'imagenet' else (3, 1)
+        size, strides, pool = stem_layout(self.kind)
         w = Kernel((size, size, x.shape[-1], self.features), self.param_dtype, name='conv')()
         x, w = nn.dtypes.promote_dtype(x, w, dtype=self.dtype)
         x = nn.relu(self.norm(name='bn')(conv(x, w, strides)))
-        if self.kind == 'imagenet':
-            x = max_pool_3x3_s2(x)
-        return x
+        return max_pool_3x3_s2(x) if pool else x
+
+
+def stem_layout(kind):
+    """(kernel size, stride, whether a 3×3/2 max-pool follows) of the stem `kind`."""
+    return (7, 2, True) if kind == 'imagenet' else (3, 1, False)
 
 
 def max_pool_3x3_s2(x):
@@ -121,6 +131,20 @@ def drop_path_rates(rate, num_blocks):
     """timm's linear rule (`make_blocks` in timm/models/resnet.py): block i of N gets
     rate · i / (N - 1), the first block 0 and the last `rate`; a single block gets 0."""
     return tuple(rate * i / max(num_blocks - 1, 1) for i in range(num_blocks))
+
+
+def block_layout(stage_sizes, cardinality, bottleneck_width, base_features, drop_path_rate=0.0):
+    """The template (Sec. 3.1), one dict per block in order, for both front ends: its 'stage'
+    and 'block' (from 0), the aggregated 'width' C·d·2^s, the output 'features' base·2^s,
+    'strides' (2 in the first block of every stage but the first) and its 'drop_path' rate."""
+    rates = drop_path_rates(drop_path_rate, sum(stage_sizes))
+    layout = []
+    for s, num_blocks in enumerate(stage_sizes):
+        for b in range(num_blocks):
+            layout.append(dict(stage=s, block=b, width=cardinality * bottleneck_width * 2**s,
+                               features=base_features * 2**s,
+                               strides=2 if s and not b else 1, drop_path=rates[len(layout)]))
+    return layout
 
 
 class Bottleneck(nn.Module):
@@ -217,17 +241,17 @@ class ResNeXt(nn.Module):
             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Stem(self.stem, self.stem_width, norm, self.dtype, self.param_dtype, name='stem')(x)
         features = {}
-        rates = drop_path_rates(self.drop_path_rate, sum(self.stage_sizes))
-        for s, num_blocks in enumerate(self.stage_sizes):
+        layout = block_layout(self.stage_sizes, self.cardinality, self.bottleneck_width,
+                              self.base_features, self.drop_path_rate)
+        for s in range(len(self.stage_sizes)):
+            blocks = [b for b in layout if b['stage'] == s]
             block = functools.partial(
-                Bottleneck, cardinality=self.cardinality,
-                width=self.cardinality * self.bottleneck_width * 2**s,
-                features=self.base_features * 2**s, form=self.form, norm=norm,
+                Bottleneck, cardinality=self.cardinality, width=blocks[0]['width'],
+                features=blocks[0]['features'], form=self.form, norm=norm,
                 zero_init_last=self.zero_init_last_bn, dtype=self.dtype,
                 param_dtype=self.param_dtype, train=train)
-            first = sum(self.stage_sizes[:s])
-            x = Stage(num_blocks, 1 if s == 0 else 2, block, rates[first:first + num_blocks],
-                      name=f'stage{s + 1}')(x)
+            x = Stage(len(blocks), blocks[0]['strides'], block,
+                      tuple(b['drop_path'] for b in blocks), name=f'stage{s + 1}')(x)
             features[f'C{s + 2}'] = x
         if return_features:
             return features
@@ -254,7 +278,7 @@ REGISTERED = (
     'resnext29_16x64d',
 )
 _NAME = re.compile(r'(resnet|resnext)(\d+)(?:_(\d+)x(\d+)d)?')
-_OPTIONS = tuple(f.name for f in dataclasses.fields(ResNeXt) if f.name not in ('parent', 'name'))
+OPTIONS = tuple(f.name for f in dataclasses.fields(ResNeXt) if f.name not in ('parent', 'name'))
 
 
 def list_models():
@@ -289,10 +313,10 @@ def create_model(name, num_classes=None, **overrides):
     `num_classes` defaults to 1000 for ImageNet networks and 10 for CIFAR ones; `overrides` set
     any other `ResNeXt` field (cardinality, bottleneck_width, form, dtype, ...).
     """
-    unknown = sorted(set(overrides) - set(_OPTIONS))
+    unknown = sorted(set(overrides) - set(OPTIONS))
     if unknown:
         raise TypeError(f'create_model: unknown option(s) {", ".join(unknown)}; '
-                        f'valid options: {", ".join(_OPTIONS)}')
+                        f'valid options: {", ".join(OPTIONS)}')
     spec = model_spec(name)
     if num_classes is not None:
         spec['num_classes'] = num_classes
