@@ -64,6 +64,8 @@ def follow_image_size(config):
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     original = recipe.get_config(row) if row else recipe.get_config()
+    if not original.image_size:   # 0: published weights' sizes (configs/finetune.py)
+        return config
     scale = config.image_size / original.image_size
     for field in ('eval_image_size', 'eval_resize'):
         if original.get(field):
@@ -86,15 +88,16 @@ def main(argv):
     if parallel.multi_process(FLAGS.coordinator_address) and not parallel.is_worker():
         # The run itself goes in a child, so that a dead peer ends it with one line.
         sys.exit(parallel.supervise([sys.executable] + sys.orig_argv[1:]))
-    from resnext_jax import checkpoint, train, validate  # after flags: JAX starts now
+    from resnext_jax import checkpoint, pretrained, train, validate  # after flags: JAX starts
     try:
-        follow_image_size(FLAGS.config)
-        validate.check_config(FLAGS.config)
+        # What init_from's published weights decide (configs/finetune.py: network, sizes).
+        config = pretrained.configure(follow_image_size(FLAGS.config))
+        validate.check_config(config)
         with train.tidy_failed_start(FLAGS.workdir):
             validate.check_workdir(FLAGS.workdir)
             parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                 FLAGS.process_id, FLAGS.peer_timeout_s)
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            train.train_and_evaluate(config, FLAGS.workdir)
     except checkpoint.Preempted as e:  # saved: the scheduler may restart the same command
         print(e, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED if isinstance(e, checkpoint.Interrupted) else EXIT_PREEMPTED)

@@ -34,6 +34,7 @@ def get_config():
     c.eval_resize = config_dict.placeholder(int)  # shorter side before the eval centre crop
     #                              ('imagenet' augment); None: the crop × 256/224, as 256 → 224
     c.augment = 'imagenet'         # 'imagenet', 'cifar' or 'none'
+    c.interpolation = 'bilinear'   # of every resize: 'bilinear' or 'bicubic' (timm's weights)
     c.color_jitter = 0.0           # brightness/contrast/saturation ± this, random order
     c.pca_lighting = 0.0           # std of the PCA lighting noise (official code: 0.1)
     c.auto_augment = ''            # '', 'ta_wide' (TrivialAugment-Wide) or a RandAugment spec

@@ -2,13 +2,14 @@
 
 The names below load on first use, so `import resnext_jax.runtime` (the tools' first step) and
 a tool's `--help` do not wait for JAX and Flax. `resnext_jax.nnx` is the same networks as Flax
-NNX modules.
+NNX modules; `load_pretrained('resnext50_32x4d.tv2_in1k')` gives published weights by name
+(`resnext_jax.pretrained`).
 """
 import importlib
 
 _WHERE = {'AggregatedTransform': 'aggregated', 'FORMS': 'aggregated', 'Bottleneck': 'models',
           'GroupedBatchNorm': 'models', 'ResNeXt': 'models', 'create_model': 'models',
-          'list_models': 'models'}
+          'list_models': 'models', 'load_pretrained': 'pretrained'}
 __all__ = sorted(_WHERE)
 __version__ = '0.1.0'
 

@@ -367,9 +367,7 @@ def bench_recipe(config, num_classes, steps, warmup):
     `Row` with train images/s, compile seconds and memory."""
     from resnext_jax import image_settings, step as step_lib
     mesh = parallel.make_mesh()
-    model = step_lib.build_model(config, num_classes)
-    tx = step_lib.create_optimizer(config, step_lib.learning_rate_schedule(config, 1000, 90_000))
-    init, _, shardings = step_lib.state_layout(config, model, tx, mesh)
+    model, _, tx, init, _, shardings = step_lib.setup(config, num_classes, mesh, 1000, 90_000)
     size, b = config.image_size, config.batch_size
     rng = np.random.default_rng(0)
     feed = jnp.dtype(image_settings.feed_dtype(config, True))

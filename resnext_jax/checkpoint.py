@@ -430,16 +430,25 @@ def save_variables(directory, variables, meta):
 def init_from(state, directory, ema=False):
     """(state, meta): `state` with the params and BN statistics of the newest checkpoint in
     `directory` (from `python -m resnext_jax.convert`, or a training workdir; with `ema` its
-    EMA weights, `--config.init_from_ema`), placed like `state`, and that checkpoint's
+    EMA weights, `--config.init_from_ema`) or of published weights by registry name
+    (`resnext_jax.pretrained`), placed like `state`, and that checkpoint's
     metadata; step and optimizer state stay fresh (a run with its own EMA starts it at these
     weights). A head for another number of classes keeps its fresh initialisation; every other
     variable must match in name and shape."""
-    if not epath.Path(directory).is_dir():
-        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory: pass a '
-                                'training workdir or a directory that python -m '
-                                'resnext_jax.convert wrote (--config.init_from)')
-    saved, meta = load_checkpoint(directory)
-    saved = variables_of(saved, f'init_from {directory}', ema)
+    from resnext_jax import pretrained   # noqa: PLC0415
+    if pretrained.is_name(directory):   # published weights by name
+        if ema:
+            raise ValueError(f'init_from {directory} names published weights, which are one '
+                             'set: leave out --config.init_from_ema')
+        saved, meta = pretrained.load_variables(directory)
+    elif not epath.Path(directory).is_dir():
+        raise FileNotFoundError(f'init_from {directory} is not a checkpoint directory or '
+                                'published weights: pass a training workdir, a directory that '
+                                'python -m resnext_jax.convert wrote or a name python -m '
+                                'resnext_jax.summary --pretrained lists (--config.init_from)')
+    else:
+        saved, meta = load_checkpoint(directory)
+        saved = variables_of(saved, f'init_from {directory}', ema)
     saved['params'] = dict(saved['params'])
     fresh = {'params': state.params, 'batch_stats': state.batch_stats}
     head = state.params.get('head')
@@ -456,8 +465,11 @@ def init_from(state, directory, ema=False):
         return jax.make_array_from_callback(like.shape, like.sharding, lambda index: x[index])
 
     placed = jax.tree_util.tree_map(place, saved, fresh)
-    logging.info('initialised from %s (%s%s)', directory, meta.get('model'),
-                 ', its EMA weights' if ema else '')
+    if meta.get('pretrained'):
+        logging.info('initialised from %s', pretrained.get(meta['pretrained']).describe())
+    else:
+        logging.info('initialised from %s (%s%s)', directory, meta.get('model'),
+                     ', its EMA weights' if ema else '')
     ema_state = state.ema if state.ema is None else jax.tree_util.tree_map(jnp.copy, placed)
     return state.replace(params=placed['params'], batch_stats=placed['batch_stats'],
                          ema=ema_state), meta

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax import checkpoint, cli
+from resnext_jax import checkpoint, cli, pretrained
 from resnext_jax.image_settings import EVAL_FIELDS
 from resnext_jax.models import create_model
 
@@ -148,18 +148,19 @@ def _numpy(value):
     return np.asarray(value)
 
 
-def torch_to_flax(state_dict, model):
+def torch_to_flax(state_dict, model, consume=False):
     """Flax variables {'params', 'batch_stats'} of `model` from a torchvision/timm state dict
-    (name → numpy array or torch tensor)."""
+    (name → numpy array or torch tensor). `consume`: take each array out of `state_dict` as it
+    is converted, so that converting holds about one copy of the weights, not two."""
     abstract = abstract_variables(model)
-    arrays = {key: _numpy(value) for key, value in state_dict.items()
-              if not key.endswith('.num_batches_tracked')}
-    check_shapes({key: a.shape for key, a in arrays.items()}, torch_shapes(abstract))
+    check_shapes({key: tuple(np.shape(value)) for key, value in state_dict.items()
+                  if not key.endswith('.num_batches_tracked')}, torch_shapes(abstract))
     flat = {}
     for key, (collection, path) in variable_table(abstract).items():
         dtype = _leaf(abstract, collection, path).dtype
-        flat[(collection, *path.split('/'))] = np.ascontiguousarray(
-            to_flax_layout(arrays[key]), dtype)
+        value = _numpy(state_dict.pop(key) if consume else state_dict[key])
+        flat[(collection, *path.split('/'))] = np.ascontiguousarray(to_flax_layout(value), dtype)
+        del value
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -213,7 +214,8 @@ def read_weights(path):
     text = None
     try:
         if suffix == '.safetensors':
-            with safetensors.safe_open(path, 'np') as f:
+            # pread: straight into the arrays, without the file's pages mapped beside them
+            with safetensors.safe_open(path, 'np', backend='pread') as f:
                 obj = {key: f.get_tensor(key) for key in f.keys()}
                 text = (f.metadata() or {}).get(META_KEY)
         elif suffix == '.npz':
@@ -348,11 +350,22 @@ def from_weights(path, name=None, num_classes=None, options=None):
 
 
 def load_model(path, name=None, options=None, ema=False):
-    """(model, variables, meta) of a weights file (`from_weights`), or of the newest checkpoint
-    in a directory from `import_weights` or a training workdir (with `ema`, its EMA weights).
-    The model name and options default to those recorded (a checkpoint's meta, else the
-    workdir's config.json); the classes are the head's. `meta` is what is recorded, with the
-    model name, options and classes used."""
+    """(model, variables, meta) of a weights file (`from_weights`), of the newest checkpoint
+    in a directory from `import_weights` or a training workdir (with `ema`, its EMA weights),
+    or of published weights by registry name (`pretrained.load_pretrained`, e.g.
+    'resnext50_32x4d.tv2_in1k'). The model name and options default to those recorded (a
+    checkpoint's meta, else the workdir's config.json); the classes are the head's. `meta` is
+    what is recorded, with the model name, options and classes used."""
+    if pretrained.is_name(path):
+        if ema:
+            raise ValueError(f'{path} names published weights, which are one set: the EMA '
+                             'option reads a training workdir')
+        weights = pretrained.get(path)
+        if (name or weights.model) != weights.model or (
+                options is not None and _model_options(options) != weights.options):
+            raise ValueError(f'{path} is {weights.model} {weights.options or ""}'.rstrip() +
+                             ': leave out --model and --model-options')
+        return pretrained.load_pretrained(path)
     if os.path.isfile(path):
         if ema:
             raise ValueError(f'{path} is a weights file, which holds one set of weights: the '
@@ -395,8 +408,9 @@ def load_model(path, name=None, options=None, ema=False):
 
 def import_weights(src, dst, name=None, num_classes=None, options=None):
     """A torchvision/timm weights file → an orbax checkpoint directory for model `name` (default:
-    the one the file records), with the file's metadata."""
-    if not os.path.isfile(src):
+    the one the file records), with the file's metadata; or published weights by registry
+    name → their checkpoint directory."""
+    if not os.path.isfile(src) and not pretrained.is_name(src):
         raise FileNotFoundError(f'{src} does not exist: pass a .pth, .pt, .safetensors or '
                                 '.npz file')
     if os.path.splitext(dst)[1] in STATE_DICT_FILES:
@@ -404,7 +418,10 @@ def import_weights(src, dst, name=None, num_classes=None, options=None):
                          'another weights file')
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise ValueError(f'{dst} exists and is not an empty directory; choose a new one')
-    _, variables, meta = from_weights(src, name, num_classes, options)
+    if pretrained.is_name(src):
+        _, variables, meta = load_model(src, name, options)
+    else:
+        _, variables, meta = from_weights(src, name, num_classes, options)
     try:
         checkpoint.save_variables(dst, variables, {**meta, 'source': os.path.basename(src)})
     except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds)
@@ -436,7 +453,9 @@ def main(argv=None):
     parser = cli.ArgumentParser(
         prog='python -m resnext_jax.convert', description=__doc__.split('\n\n')[0],
         epilog='SRC a weights file (.pth/.pt/.safetensors/.npz) → DST a checkpoint directory; '
-               'SRC a checkpoint directory or training workdir → DST a weights file.')
+               'SRC a checkpoint directory or training workdir → DST a weights file; SRC '
+               'published weights by name (e.g. resnext50_32x4d.tv2_in1k; python -m '
+               'resnext_jax.summary --pretrained lists them) → DST either.')
     parser.add_argument('src', metavar='SRC')
     parser.add_argument('dst', metavar='DST')
     parser.add_argument('--model', help='network name, e.g. resnext50_32x4d (default: the one '
@@ -450,7 +469,8 @@ def main(argv=None):
                         '--config.ema_decay (default: the trained weights)')
     args = parser.parse_args(argv)
     try:
-        if os.path.isdir(args.src):
+        to_file = os.path.splitext(args.dst)[1] in STATE_DICT_FILES
+        if os.path.isdir(args.src) or (pretrained.is_name(args.src) and to_file):
             export_weights(args.src, args.dst, args.model, args.model_options, args.ema)
         elif args.ema:
             raise ValueError('--ema exports the EMA weights of a training workdir; SRC is a '

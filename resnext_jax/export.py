@@ -66,16 +66,6 @@ def _optional(module, fmt):
 
 # ------------------------------------------------------------------------------ what is exported
 
-def imagenet_class_names():
-    """The 1000 ImageNet class names (`predict.imagenet_class_names`: tensorflow_datasets' copy),
-    or None where TensorFlow is not installed."""
-    try:
-        from resnext_jax.predict import imagenet_class_names as names   # noqa: PLC0415
-    except ImportError:
-        return None
-    return names()
-
-
 def settings(meta, batch, raw, output):
     """The metadata that travels with an exported model (JSON-able): `meta`'s network, classes
     and evaluation fields, and the input and output of the exported function."""
@@ -84,8 +74,10 @@ def settings(meta, batch, raw, output):
     size = image_settings.eval_size(config)
     mean, std = image_settings.normalisation(config)
     resize = image_settings.eval_resize(config) if config.augment == 'imagenet' else None
+    interpolation = config.interpolation
     names = meta.get('class_names')
     if not names and meta['num_classes'] == 1000 and config.dataset == 'imagenet2012':
+        from resnext_jax.pretrained import imagenet_class_names   # noqa: PLC0415
         names = imagenet_class_names()   # ImageNet weights: its names, as predict prints
     return {
         'producer': 'resnext_jax', 'model': meta['model'],
@@ -97,10 +89,10 @@ def settings(meta, batch, raw, output):
                   'shape': [batch, size, size, 3], 'layout': 'NHWC', 'channels': 'RGB',
                   'normalised_inside': not raw},
         'preprocessing': {
-            'resize_shorter_side_to': resize, 'resize': 'bilinear', 'centre_crop': size,
+            'resize_shorter_side_to': resize, 'resize': interpolation, 'centre_crop': size,
             'mean': list(mean), 'std': list(std),
-            'rule': (f'resize the shorter side to {resize} (bilinear), crop the centre '
-                     f'{size}×{size}' if resize else f'resize to {size}×{size} (bilinear)')
+            'rule': (f'resize the shorter side to {resize} ({interpolation}), crop the centre '
+                     f'{size}×{size}' if resize else f'resize to {size}×{size} ({interpolation})')
             + (', then (x − mean) / std: done by the caller (--raw)' if raw else
                ', then feed the uint8 pixels: (x − mean) / std is inside')},
         'output': {'name': output, 'dtype': 'float32', 'shape': [batch, meta['num_classes']]},
@@ -129,7 +121,8 @@ def input_spec(meta, batch, raw):
     None."""
     import jax
     import jax.numpy as jnp
-    size = settings(meta, batch, raw, 'logits')['input']['shape'][1]
+    from resnext_jax import image_settings
+    size = image_settings.eval_size(image_settings.eval_config(meta))
     n = jax.export.symbolic_shape('batch')[0] if batch is None else batch
     return jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32 if raw else jnp.uint8)
 

@@ -22,8 +22,9 @@ NORMALISATION = {  # 0..255 units; the ImageNet statistics for every other datas
     'digits': ((77.8,) * 3, (95.9,) * 3),  # measured on all 1797 images scaled to 0..255
 }
 # The config fields evaluation preprocessing reads (what a checkpoint's metadata records).
-EVAL_FIELDS = ('dataset', 'image_size', 'eval_image_size', 'eval_resize', 'augment', 'mean',
-               'std')
+EVAL_FIELDS = ('dataset', 'image_size', 'eval_image_size', 'eval_resize', 'interpolation',
+               'augment', 'mean', 'std')
+INTERPOLATIONS = ('bilinear', 'bicubic')   # of the input pipeline's resizes
 # PCA of ImageNet RGB pixels (0..1 units), for the official code's lighting noise.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
@@ -54,6 +55,7 @@ def eval_settings(config):
     mean, std = normalisation(config)
     return {'dataset': config.dataset, 'image_size': config.image_size,
             'eval_image_size': eval_size(config), 'eval_resize': eval_resize(config),
+            'interpolation': config.get('interpolation') or 'bilinear',
             'augment': config.augment, 'mean': mean, 'std': std}
 
 
@@ -63,16 +65,21 @@ def eval_config(meta):
     ImageNet's, as configs/default.py has it (eval size and statistics then follow from the
     dataset and image size)."""
     import ml_collections   # noqa: PLC0415
-    imagenet = {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet'}
+    imagenet = {'dataset': 'imagenet2012', 'image_size': 224, 'augment': 'imagenet',
+                'interpolation': 'bilinear'}
     return ml_collections.ConfigDict({k: meta.get(k) or imagenet.get(k) for k in EVAL_FIELDS})
 
 
 def as_trained(config, meta, weights):
-    """`config` with the augment and normalisation that checkpoint metadata `meta` records (how
-    the weights in `weights` learned to see images), for evaluating them (`eval_only`); the eval
-    crop stays the config's, a test-time choice (e.g. the paper's 320 × 320 test)."""
-    ours = dict(zip(('augment', 'mean', 'std'), (config.augment, *normalisation(config))))
-    trained = {k: tuple(meta[k]) if k != 'augment' else meta[k] for k in ours if meta.get(k)}
+    """`config` with the augment, interpolation and normalisation that checkpoint metadata
+    `meta` records (how the weights in `weights` learned to see images), for evaluating them
+    (`eval_only`); the eval crop stays the config's, a test-time choice (e.g. the paper's
+    320 × 320 test)."""
+    ours = dict(zip(('augment', 'interpolation', 'mean', 'std'),
+                    (config.augment, config.get('interpolation') or 'bilinear',
+                     *normalisation(config))))
+    trained = {k: tuple(meta[k]) if k in ('mean', 'std') else meta[k] for k in ours
+               if meta.get(k)}
     changed = {k: v for k, v in trained.items() if v != ours[k]}
     if not changed:
         return config

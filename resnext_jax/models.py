@@ -18,7 +18,9 @@ from jax import lax
 from resnext_jax.aggregated import (BN_EPSILON, BN_MOMENTUM, AggregatedTransform, Kernel,
                                     check_form, conv, default_norm)
 
-IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+# Depth 26 is timm's resnet26 (two blocks a stage); the paper's are 50, 101, 152 and 200.
+IMAGENET_STAGES = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
+                   200: (3, 24, 36, 3)}
 CIFAR_STAGES = {29: (3, 3, 3)}
 STEMS = ('imagenet', 'cifar')
 
@@ -313,6 +315,13 @@ def create_model(name, num_classes=None, **overrides):
     `num_classes` defaults to 1000 for ImageNet networks and 10 for CIFAR ones; `overrides` set
     any other `ResNeXt` field (cardinality, bottleneck_width, form, dtype, ...).
     """
+    return ResNeXt(**model_fields(name, num_classes, overrides))
+
+
+def model_fields(name, num_classes=None, overrides=None):
+    """The `ResNeXt` fields of network `name` with `overrides` (dtype names as dtypes); the
+    Linen and NNX `create_model` both build from them. TypeError for an unknown option."""
+    overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(OPTIONS))
     if unknown:
         raise TypeError(f'create_model: unknown option(s) {", ".join(unknown)}; '
@@ -323,4 +332,4 @@ def create_model(name, num_classes=None, **overrides):
     for key in ('dtype', 'param_dtype'):
         if isinstance(overrides.get(key), str):
             overrides[key] = jnp.dtype(overrides[key])
-    return ResNeXt(**{**spec, **overrides})
+    return {**spec, **overrides}

@@ -208,17 +208,7 @@ class ResNeXt(nnx.Module):
 def create_model(name, num_classes=None, *, rngs, **overrides):
     """An NNX `ResNeXt` by name, as `resnext_jax.create_model` builds the Linen one (same names,
     options and defaults), e.g. `create_model('resnext50_32x4d', rngs=nnx.Rngs(0))`."""
-    unknown = sorted(set(overrides) - set(models.OPTIONS))
-    if unknown:
-        raise TypeError(f'create_model: unknown option(s) {", ".join(unknown)}; '
-                        f'valid options: {", ".join(models.OPTIONS)}')
-    spec = models.model_spec(name)
-    if num_classes is not None:
-        spec['num_classes'] = num_classes
-    for key in ('dtype', 'param_dtype'):
-        if isinstance(overrides.get(key), str):
-            overrides[key] = jnp.dtype(overrides[key])
-    return ResNeXt(**{**spec, **overrides}, rngs=rngs)
+    return ResNeXt(**models.model_fields(name, num_classes, overrides), rngs=rngs)
 
 
 def variables(model):
@@ -247,6 +237,15 @@ def from_linen(linen_model, variables, *, rngs=None):
     """The NNX model of a Linen `models.ResNeXt` with its variables."""
     fields = {f: getattr(linen_model, f) for f in models.OPTIONS}
     return load_variables(ResNeXt(**fields, rngs=rngs or nnx.Rngs(0)), variables)
+
+
+def load_pretrained(name, *, rngs=None, **overrides):
+    """(NNX model with the weights loaded, meta) of published weights by registry name, e.g.
+    `load_pretrained('resnext50_32x4d.tv2_in1k')`: `resnext_jax.load_pretrained`'s weights and
+    metadata (preprocessing, classes, published accuracy) in the NNX module."""
+    from resnext_jax import pretrained   # noqa: PLC0415
+    linen_model, weights, meta = pretrained.load_pretrained(name, **overrides)
+    return from_linen(linen_model, weights, rngs=rngs), meta
 
 
 def cross_entropy(logits, labels):

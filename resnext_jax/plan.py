@@ -107,10 +107,8 @@ def compile_step(config, mesh, num_classes, global_batch, step=TRAIN):
     """The compiled train (or eval) step of train.py for `mesh`, and the seconds it took."""
     import jax
     from resnext_jax import parallel, step as step_lib
-    model = step_lib.build_model(config, num_classes)
-    tx = step_lib.create_optimizer(
-        config, step_lib.learning_rate_schedule(config, STEPS_PER_EPOCH, STEPS_PER_EPOCH * 90))
-    _, abstract, shardings = step_lib.state_layout(config, model, tx, mesh)   # as train.py's
+    model, _, tx, _, abstract, shardings = step_lib.setup(   # as train.py's
+        config, num_classes, mesh, STEPS_PER_EPOCH, STEPS_PER_EPOCH * 90)
     state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     size = config.image_size if step == TRAIN else (config.eval_image_size or config.image_size)

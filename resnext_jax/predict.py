@@ -21,27 +21,11 @@ import jax
 import numpy as np
 
 from resnext_jax import cli, convert, export, runtime
+from resnext_jax.pretrained import imagenet_class_names
 
 import tensorflow as tf   # after cli: quiet (cli's doc)
 
 from resnext_jax import image_settings, preprocess
-
-
-def imagenet_class_names():
-    """The 1000 ImageNet class names in label order, from tensorflow_datasets' own copy (the
-    SI-Score dataset lists them; else imagenet2012's WordNet ids); None if neither is there."""
-    try:
-        from tensorflow_datasets.datasets.siscore import labels  # noqa: PLC0415
-        if len(labels.IMAGENET_LABELS_LIST) == 1000:
-            return list(labels.IMAGENET_LABELS_LIST)
-    except (ImportError, AttributeError):
-        pass
-    import tensorflow_datasets as tfds  # noqa: PLC0415
-    path = os.path.join(os.path.dirname(tfds.__file__), 'datasets', 'imagenet2012', 'labels.txt')
-    if os.path.isfile(path):
-        with open(path) as f:
-            return f.read().split()
-    return None
 
 
 # --preprocessing: how the recipes in configs/ evaluate (mean and std follow the dataset).
@@ -69,13 +53,14 @@ def with_preprocessing(meta, preprocessing=None, image_size=None):
     return meta
 
 
-def load_image(path, meta=None):
+def load_image(path, meta=None, normalise=True):
     """An image file as the model's input, (S, S, 3) float32, preprocessed as the evaluation of
-    the checkpoint whose metadata is `meta` was (default: ImageNet's)."""
+    the checkpoint whose metadata is `meta` was (default: ImageNet's); with `normalise=False`
+    the uint8 pixels before normalisation (an exported model normalises inside)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} does not exist: pass image files (JPEG, PNG, GIF, BMP)')
     transform = preprocess.preprocess_fn(image_settings.eval_config(meta or {}), train=False,
-                                         encoding='file')
+                                         encoding='file', normalise=normalise)
     try:
         with runtime.native_stderr_silenced():   # libjpeg's own line for a broken file
             return transform(tf.constant(path), tf.zeros([2], tf.int64)).numpy()
@@ -125,19 +110,8 @@ def predict(checkpoint, images, model=None, model_options=None, top=5, preproces
 def predict_exported(fmt, path, images, top=5):
     """`predict` with a model `export` wrote, in its runtime (`export.runner`)."""
     meta = export.read_metadata(fmt, path)
-    transform = preprocess.preprocess_fn(image_settings.eval_config(meta), train=False,
-                                         encoding='file',
-                                         normalise=not meta['input']['normalised_inside'])
-    for image in images:
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f'{image} does not exist: pass image files (JPEG, PNG, GIF, '
-                                    'BMP)')
-    try:
-        with runtime.native_stderr_silenced():   # libjpeg's own line for a broken file
-            batch = np.stack([transform(tf.constant(p), tf.zeros([2], tf.int64)).numpy()
-                              for p in images])
-    except tf.errors.OpError:
-        raise ValueError('an image is not one that TensorFlow can decode') from None
+    batch = np.stack([load_image(p, meta, normalise=not meta['input']['normalised_inside'])
+                      for p in images])
     run, fixed = export.runner(fmt, path), meta['input']['shape'][0]
     step = fixed or len(batch)
     outputs = []

@@ -59,21 +59,23 @@ def _inception_crop(data, encoding, seed):
                    lambda: crop_decoded(_decode(data, 'bytes')))
 
 
-def _resize(image, size):
-    """Bilinear resize to size × size unless the image already has that side."""
+def _resize(image, size, method='bilinear'):
+    """Resize to size × size (`method`: 'bilinear' or 'bicubic') unless the image already has
+    that side."""
     if image.shape[0] is not None and image.shape[:2] == (size, size):
         return tf.cast(image, tf.float32)
     same = tf.reduce_all(tf.shape(image)[:2] == size)
     image = tf.cond(same, lambda: tf.cast(image, tf.float32),
-                    lambda: tf.image.resize(image, [size, size]))
+                    lambda: tf.image.resize(image, [size, size], method))
     return tf.reshape(image, [size, size, 3])
 
 
-def _centre_crop(image, size, resize):
-    """Resize the shorter side to `resize` keeping the aspect, then crop size × size."""
+def _centre_crop(image, size, resize, method='bilinear'):
+    """Resize the shorter side to `resize` keeping the aspect (`method`: 'bilinear' or
+    'bicubic'), then crop size × size."""
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     new = tf.cast(tf.round(shape * resize / tf.reduce_min(shape)), tf.int32)
-    image = tf.image.resize(image, new)
+    image = tf.image.resize(image, new, method)
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
     return tf.reshape(image[top:top + size, left:left + size], [size, size, 3])
 
@@ -135,6 +137,7 @@ def preprocess_fn(config, train, encoding, normalise=True):
     pad = size // 8 if pad is None else pad
     resize = eval_resize(config) if augment == 'imagenet' and not train else None
     feed = feed_dtype(config, train)
+    method = config.get('interpolation') or 'bilinear'   # of every resize
     try:
         policy = policies.parse(config.get('auto_augment', '')) if train else None
     except ValueError as e:
@@ -147,11 +150,12 @@ def preprocess_fn(config, train, encoding, normalise=True):
         crop_seed, flip_seed, colour_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, 3))
         if augment == 'imagenet' and train:
-            image = tf.image.resize(_inception_crop(data, encoding, crop_seed), [size, size])
+            image = tf.image.resize(_inception_crop(data, encoding, crop_seed), [size, size],
+                                    method)
         elif augment == 'imagenet':
-            image = _centre_crop(_decode(data, encoding), size, resize)
+            image = _centre_crop(_decode(data, encoding), size, resize, method)
         else:
-            image = _resize(_decode(data, encoding), size)
+            image = _resize(_decode(data, encoding), size, method)
         if augment == 'cifar' and train:  # zero padding, as in fb.resnet.torch
             image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
             image = tf.image.stateless_random_crop(image, [size, size, 3], crop_seed)

@@ -250,6 +250,17 @@ def state_layout(config, model, tx, mesh):
     return init, abstract, shardings
 
 
+def setup(config, num_classes, mesh, steps_per_epoch, num_steps):
+    """What a run of `config` over `mesh` is made of, as train.py builds it (and `plan` and
+    `benchmark --config` compile it): (model, learning-rate schedule, optimizer, init,
+    abstract state, shardings) for `num_steps` steps of `steps_per_epoch` per epoch."""
+    model = build_model(config, num_classes)
+    schedule = learning_rate_schedule(config, steps_per_epoch, num_steps)
+    tx = create_optimizer(config, schedule)
+    init, abstract, shardings = state_layout(config, model, tx, mesh)
+    return model, schedule, tx, init, abstract, shardings
+
+
 def ema_settings(config, steps_per_epoch):
     """`update_ema`'s keyword arguments for `config` (None without an EMA): `ema_decay` per
     update, every `ema_every_steps` steps, a copy of the weights during the warm-up."""

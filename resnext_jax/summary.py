@@ -2,6 +2,7 @@
 
     python -m resnext_jax.summary resnext50_32x4d [--image-size 224] [--json]
     python -m resnext_jax.summary --all
+    python -m resnext_jax.summary --pretrained    # the published weights loadable by name
 
 Multiply-adds are counted as in the paper (Sec. 3.1, "FLOPs, as multiply-adds"): every
 convolution and the final fully-connected layer, one per weight use, read off the traced
@@ -111,12 +112,32 @@ def format_summary(s):
     return '\n'.join(lines)
 
 
+def format_pretrained(rows):
+    """`pretrained.table()` as text: one line per published weight."""
+    def pct(x):
+        return f'{x:6.2f}' if x is not None else '     –'
+    lines = [f"{'name':<42} {'network':<22} {'params':>8} {'top-1':>6} {'top-5':>6} "
+             f"{'train':>5} {'test':>4} {'resize':>6} {'interp.':<8} licence"]
+    for r in rows:
+        options = ' ' + ','.join(f'{k}={v}' for k, v in r['options'].items()) * bool(r['options'])
+        lines.append(f"{r['name']:<42} {(r['model'] + options):<22} {r['params_m']:>7.2f}M "
+                     f"{pct(r['top1'])} {pct(r['top5'])} {r['train_size']:>5} "
+                     f"{r['test_size']:>4} {r['resize']:>6} {r['interpolation']:<8} "
+                     f"{r['licence']}")
+    lines.append(f'{len(rows)} weights: timm/<name>/model.safetensors on the Hugging Face Hub; '
+                 'top-1 / top-5 (%) at the test size, from timm\'s results-imagenet.csv')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     parser = cli.ArgumentParser(prog='python -m resnext_jax.summary',
                                 description=__doc__.splitlines()[0])
     parser.add_argument('names', nargs='*', help='network names (see --list)')
     parser.add_argument('--all', action='store_true', help='every registered network')
     parser.add_argument('--list', action='store_true', help='print the registered names')
+    parser.add_argument('--pretrained', action='store_true',
+                        help='the published ImageNet weights loadable by name '
+                        '(resnext_jax.load_pretrained, init_from, predict, export, convert)')
     parser.add_argument('--image-size', type=cli.integer(1),
                         help='input height and width; default: 224 ImageNet, 32 CIFAR')
     parser.add_argument('--num-classes', type=cli.integer(1),
@@ -125,6 +146,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.list:
         print('\n'.join(list_models()))
+        return
+    if args.pretrained:
+        from resnext_jax import pretrained   # noqa: PLC0415
+        rows = pretrained.table()
+        print('\n'.join(json.dumps(r) for r in rows) if args.json else format_pretrained(rows))
         return
     names = list_models() if args.all else args.names
     if not names:

@@ -16,10 +16,10 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from resnext_jax import checkpoint, data, image_settings, parallel, sources, validate
+from resnext_jax import (checkpoint, data, image_settings, parallel, pretrained, sources,
+                         validate)
 from resnext_jax.metrics import MetricsWriter
-from resnext_jax.step import (build_model, create_optimizer, ema_view, learning_rate_schedule,
-                              make_steps, state_layout)
+from resnext_jax.step import ema_view, make_steps, setup
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,6 +151,7 @@ def train_and_evaluate(config, workdir, source=None):
     `source` replaces `config.dataset`, e.g. a `resnext_jax.sources.ArraySource` of numpy arrays.
     Returns the final evaluation metrics.
     """
+    config = pretrained.configure(config)   # what init_from's published weights decide
     validate.check_config(config)
     mesh, workdir = parallel.make_mesh(), epath.Path(workdir)
     with tidy_failed_start(workdir):
@@ -179,12 +180,10 @@ def _run(config, workdir, source, mesh):
     num_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
     eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-    model = build_model(config, info.num_classes)
-    schedule = learning_rate_schedule(config, steps_per_epoch, num_steps)
-    tx = create_optimizer(config, schedule)
 
     # ---------------------------------------------------------------- state
-    init, abstract, shardings = state_layout(config, model, tx, mesh)
+    model, schedule, tx, init, abstract, shardings = setup(
+        config, info.num_classes, mesh, steps_per_epoch, num_steps)
     rng = jax.random.key(config.seed)
     if config.fsdp:
         split = [jax.tree_util.keystr(path) for path, s in

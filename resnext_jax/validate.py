@@ -124,6 +124,7 @@ FIELDS = {
     'eval_image_size': optional(integer(1)),
     'eval_resize': optional(integer(1)),        # ≥ the eval crop with augment 'imagenet'
     'augment': one_of(*image_settings.AUGMENTS),
+    'interpolation': one_of(*image_settings.INTERPOLATIONS),
     'augment_on': one_of(*image_settings.AUGMENT_ON),
     'color_jitter': number(0, 1),               # factors 1 ± color_jitter stay ≥ 0
     'pca_lighting': number(0),

@@ -22,7 +22,7 @@ import tensorflow as tf
 import helpers
 from helpers import REPO, TINY
 from resnext_jax import (checkpoint, convert, create_model, data, image_settings, parallel,
-                         predict, sources, train)
+                         predict, pretrained, sources, train)
 from resnext_jax import step as step_lib
 
 FIXTURES = sorted(glob.glob(os.path.join(REPO, 'tests', 'fixtures', 'torchvision_*.npz')))
@@ -449,7 +449,7 @@ def test_eval_only_feeds_the_weights_as_they_were_trained(digits_run, tmp_path, 
 
 
 def test_imagenet_class_names_come_with_tensorflow_datasets():
-    names = predict.imagenet_class_names()
+    names = pretrained.imagenet_class_names()
     assert len(names) == 1000 and names[0].startswith('tench') and names[1].startswith(
         'goldfish') and names[999].startswith('toilet tissue')
 

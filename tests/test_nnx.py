@@ -102,7 +102,7 @@ def test_registered_networks_have_linens_tree_and_the_papers_counts(name):
     ours = jax.tree_util.tree_map(lambda a: a.shape, rnnx.variables(model))
     assert ours == jax.tree_util.tree_map(lambda a: a.shape, dict(shapes))
     assert count_params(rnnx.variables(model)['params']) == count_params(shapes['params'])
-    assert set(list_models()) >= {name} or name == 'resnext101_64x4d'
+    assert name in list_models()
 
 
 def test_drop_path_and_dropout_act_in_training_only_and_where_linen_acts(monkeypatch):
