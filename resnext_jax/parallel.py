@@ -23,11 +23,27 @@ EXIT_PEER_LOST = 69   # EX_UNAVAILABLE: another process of the run died; restart
 _WORKER = 'RESNEXT_JAX_WORKER'
 
 
+# Launchers JAX detects (jax/_src/clusters): what each sets for this process's rank on its node,
+# the number of processes on the node, and the accelerators bound to the task.
+LAUNCHERS = {
+    'slurm': {'size': 'SLURM_NTASKS', 'local_rank': 'SLURM_LOCALID',
+              'local_size': 'SLURM_STEP_TASKS_PER_NODE', 'per_task': 'SLURM_GPUS_PER_TASK'},
+    'openmpi': {'size': 'OMPI_COMM_WORLD_SIZE', 'local_rank': 'OMPI_COMM_WORLD_LOCAL_RANK',
+                'local_size': 'OMPI_COMM_WORLD_LOCAL_SIZE', 'per_task': None},
+}
+# Launchers that JAX does not detect: (what, its size variable, its rank variable).
+UNDETECTED = (('MPICH / Intel MPI (PMI)', 'PMI_SIZE', 'PMI_RANK'),
+              ('torchrun / torch.distributed', 'WORLD_SIZE', 'RANK'),
+              ('PMIx (Open MPI 5, prterun)', 'PMIX_SIZE', 'PMIX_RANK'))
+
+
 def _cluster_detected():
     env = os.environ
     return (int(env.get('SLURM_NTASKS', '1')) > 1
             or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-            or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+            or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+            # a Kubernetes Indexed Job (docs/k8s/indexed-job.yaml); JAX asks the API the rest
+            or ('KUBERNETES_SERVICE_HOST' in env and 'JOB_COMPLETION_INDEX' in env))
 
 
 def multi_process(coordinator_address=None):
@@ -35,18 +51,141 @@ def multi_process(coordinator_address=None):
     return bool(coordinator_address) or _cluster_detected()
 
 
+def _count(text, index=0):
+    """Entry `index` of a Slurm per-node count such as '8', '2(x4)' or '2(x3),1' (node 0 first);
+    None if there is none."""
+    counts = []
+    for part in (text or '').split(','):
+        m = re.fullmatch(r'\s*(\d+)(?:\(x(\d+)\))?\s*', part)
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[min(index, len(counts) - 1)] if counts else None
+
+
+def _tasks_on_node(env, names):
+    """Processes on this node: the launcher's per-node count, for this node (SLURM_NODEID)."""
+    return _count(env.get(names['local_size']), int(env.get('SLURM_NODEID', 0) or 0)) or 1
+
+
+def node_gpus():
+    """How many NVIDIA GPUs this node has (the driver's list, read without starting CUDA);
+    None where there is no NVIDIA driver."""
+    try:
+        return len(os.listdir('/proc/driver/nvidia/gpus'))
+    except OSError:
+        return None
+
+
+def launched_by(env=None):
+    """The launcher JAX detects for this process ('slurm', 'openmpi') with more than one
+    process, else None."""
+    env = os.environ if env is None else env
+    for name, names in LAUNCHERS.items():
+        if (_count(env.get(names['size'])) or 1) > 1 and names['local_rank'] in env:
+            return name
+    return None
+
+
+def local_device_ids(env=None, gpus_on_node=None):
+    """(ids, why): the accelerators this process should drive, as indices among those it can
+    see, for a run a launcher started; (None, why) where JAX's own choice stands.
+
+    JAX's auto-detection gives each Slurm or Open MPI process only the accelerator of its local
+    rank (`jax/_src/clusters/cluster.py`: "single process per device"), which is right for one
+    task per GPU and wrong for the two other ways clusters are used: one task per node driving
+    all of its GPUs (4 of 32 GPUs train, silently), or tasks whose GPUs the launcher bound
+    (`srun --gpus-per-task`, which sets CUDA_VISIBLE_DEVICES per task: the local rank is then
+    no index of what the task sees). Here the GPUs a task sees (CUDA_VISIBLE_DEVICES, else the
+    node's) are shared evenly among the tasks on the node unless Slurm bound them per task.
+    `JAX_LOCAL_DEVICE_IDS` set by the user always wins."""
+    env = os.environ if env is None else env
+    launcher = launched_by(env)
+    if launcher is None:
+        return None, 'not started by Slurm or Open MPI'
+    if env.get('JAX_LOCAL_DEVICE_IDS'):
+        return None, f"JAX_LOCAL_DEVICE_IDS={env['JAX_LOCAL_DEVICE_IDS']} (yours)"
+    names = LAUNCHERS[launcher]
+    visible = env.get('CUDA_VISIBLE_DEVICES')
+    if visible is not None:
+        seen = len([d for d in visible.split(',') if d.strip()])
+        where = f'CUDA_VISIBLE_DEVICES={visible}'
+    else:
+        seen = (gpus_on_node if gpus_on_node is not None else
+                _count(env.get('SLURM_GPUS_ON_NODE')) or node_gpus())
+        where = f'{seen} GPUs on the node'
+    if not seen:
+        return None, 'no GPUs'   # CPUs and TPUs: JAX's choice (it never sets TPU ids)
+    rank = int(env[names['local_rank']])
+    tasks = _tasks_on_node(env, names)
+    bound = _count(env.get(names['per_task'] or '', ''))
+    if bound and seen == bound:   # the launcher gave this task its own GPUs
+        return list(range(seen)), f'{where}: the {seen} GPU(s) {launcher} bound to this task'
+    if seen % tasks:
+        raise ValueError(
+            f'{tasks} processes share the {seen} GPUs this node shows them ({where}), which do '
+            'not divide evenly: launch one task per GPU (srun --ntasks-per-node=GPUS '
+            '--gpus-per-task=1) or one per node, or set JAX_LOCAL_DEVICE_IDS for each')
+    share = seen // tasks
+    why = (f'{where}, {tasks} process(es) on this node: local rank {rank} drives '
+           f'{"GPU" if share == 1 else "GPUs"} {rank * share}'
+           + (f'..{(rank + 1) * share - 1}' if share > 1 else ''))
+    return list(range(rank * share, (rank + 1) * share)), why
+
+
+def check_launcher(coordinator_address=None, env=None):
+    """ValueError in one line for processes started by a launcher JAX does not detect (each
+    would train alone): what was found and which flags to pass."""
+    env = os.environ if env is None else env
+    if coordinator_address or launched_by(env) or 'TPU_WORKER_HOSTNAMES' in env:
+        return
+    for what, size, rank in UNDETECTED:
+        if (_count(env.get(size)) or 1) > 1 and rank in env:
+            raise ValueError(
+                f'{env[size]} processes started by {what} ({size}={env[size]}, {rank}='
+                f'{env[rank]}), which JAX does not detect: pass --coordinator_address='
+                f'HOST0:PORT --num_processes={env[size]} --process_id=${rank} (HOST0 the host '
+                f'of {rank} 0), or launch with srun or Open MPI\'s mpirun (docs/clusters.md)')
+
+
 def initialize(coordinator_address=None, num_processes=None, process_id=None,
                peer_timeout_s=PEER_TIMEOUT_S):
     """Joins the processes of a multi-host run: explicitly, or auto-detected on a TPU pod, SLURM
-    or Open MPI. A single process needs no call. Must run before anything else touches JAX.
-    A process that sends no heartbeat for `peer_timeout_s` seconds is dead to the others."""
+    or Open MPI (with `local_device_ids`' choice of accelerators). A single process needs no
+    call. Must run before anything else touches JAX. A process that sends no heartbeat for
+    `peer_timeout_s` seconds is dead to the others."""
     if coordinator_address and (num_processes is None or process_id is None):
         raise ValueError('--coordinator_address needs --num_processes and --process_id')
+    check_launcher(coordinator_address)
     if multi_process(coordinator_address):
+        ids, _ = local_device_ids()
         # Cross-process collectives on CPU go through gloo; GPUs and TPUs ignore this.
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   local_device_ids=ids,
                                    heartbeat_timeout_seconds=peer_timeout_s)
+
+
+def describe_processes(mesh):
+    """(line, warning) for the first screen: this process's place (launcher, its devices, the
+    mesh, the accelerators it drives and why) and, where its node has GPUs that none of the
+    node's processes drive, a warning line (else None). (None, None) for a single process."""
+    if jax.process_count() == 1:
+        return None, None
+    _, why = local_device_ids()
+    launcher = launched_by() or '--coordinator_address'
+    local = jax.local_devices()
+    info = (f'process {jax.process_index()} of {jax.process_count()} ({launcher}): '
+            f'{len(local)} local {local[0].platform} device(s), mesh '
+            f'{" × ".join(f"{k}={v}" for k, v in mesh.shape.items())}; {why}')
+    warning = None
+    node, names = node_gpus(), LAUNCHERS.get(launcher)
+    tasks = _tasks_on_node(os.environ, names) if names else 1
+    if local[0].platform == 'gpu' and node and len(local) * tasks < node:
+        warning = (f'this node has {node} GPUs but its {tasks} process(es) drive '
+                   f'{len(local) * tasks}: {node - len(local) * tasks} stay idle; launch one task '
+                   'per GPU or pass all of them to one task per node (docs/clusters.md)')
+    return info, warning
 
 
 def is_peer_lost(error):

@@ -218,6 +218,11 @@ def _run(config, workdir, source, mesh):
                  devices[0].device_kind, 's' * (len(devices) > 1), process_count,
                  'es' * (process_count > 1), num_steps, config.batch_size,
                  num_steps / steps_per_epoch, workdir / 'config.json')
+    line, warning = parallel.describe_processes(mesh)
+    if line:
+        logging.info('%s', line)
+    if warning:
+        logging.warning('%s', warning)
     if image_settings.per_pixel(config):
         logging.info("per-pixel augmentation %s (augment_on='%s')",
                      'in the jitted step' if image_settings.on_device(config) else 'on the host',

@@ -368,7 +368,9 @@ def test_convert_predict_and_export_take_a_registry_name(hub, hub_root, tmp_path
 def test_finetune_starts_from_a_registry_name(hub, tmp_path):
     """configs/finetune.py from a name: the weights' network, a fresh head, the weights'
     interpolation; the first screen names the weights and their published accuracy."""
-    env = dict(os.environ)
+    env = {**os.environ,   # one device compiles this network in half the time of eight
+           'XLA_FLAGS': '--xla_force_host_platform_device_count=1 '
+                        '--xla_backend_optimization_level=0'}
     folder = image_folder(tmp_path / 'images')
     workdir = tmp_path / 'ft'
     r = subprocess.run(
