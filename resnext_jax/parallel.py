@@ -118,7 +118,7 @@ def local_device_ids(env=None, gpus_on_node=None):
         return None, 'no GPUs'   # CPUs and TPUs: JAX's choice (it never sets TPU ids)
     rank = int(env[names['local_rank']])
     tasks = _tasks_on_node(env, names)
-    bound = _count(env.get(names['per_task'] or '', ''))
+    bound = _count(env.get(names['per_task']))   # None for Open MPI
     if bound and seen == bound:   # the launcher gave this task its own GPUs
         return list(range(seen)), f'{where}: the {seen} GPU(s) {launcher} bound to this task'
     if seen % tasks:

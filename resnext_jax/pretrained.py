@@ -337,30 +337,12 @@ def flax_cache_dir():
     return os.environ.get('RESNEXT_JAX_CACHE') or os.path.join(root, 'resnext_jax')
 
 
-def _flat(tree, prefix=''):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f'{prefix}{key}/')
-        else:
-            yield f'{prefix}{key}', value
-
-
-def _nested(flat):
-    tree = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
 def load_variables(name):
     """({'params', 'batch_stats'} as numpy arrays in Flax's layout, meta) of registry weights
     `name`: the cached Flax form, else the Hub file (downloaded once, its sha256 checked),
     converted and cached. Safe for many processes at once: a file lock per weights file."""
     import filelock   # noqa: PLC0415 (huggingface_hub's own dependency)
+    from flax.traverse_util import flatten_dict, unflatten_dict   # noqa: PLC0415
     from safetensors.numpy import load_file, save_file   # noqa: PLC0415
     weights = get(name)
     meta = weights.meta()
@@ -377,7 +359,7 @@ def load_variables(name):
     with lock:
         if os.path.isfile(flax_file):
             with contextlib.suppress(Exception):   # unreadable: converted again below
-                return _nested(load_file(flax_file, backend='pread')), meta   # one copy
+                return unflatten_dict(load_file(flax_file, backend='pread'), sep='/'), meta
         from resnext_jax import convert   # noqa: PLC0415
         from resnext_jax.models import create_model   # noqa: PLC0415
         verified(path, weights)
@@ -388,7 +370,7 @@ def load_variables(name):
         except ValueError as e:
             raise PretrainedError(f'{weights.repo}/{FILENAME} is not {weights.model}: '
                                   f'{_first_line(e)}') from None
-        flat = dict(_flat(variables))
+        flat = flatten_dict(variables, sep='/')
         with contextlib.suppress(OSError):   # a read-only cache: it still loads, only slower
             temporary = f'{flax_file}.{os.getpid()}.tmp'
             try:
